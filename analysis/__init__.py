@@ -1,0 +1,1 @@
+"""Reads the run tables (probes.parquet, evals.parquet) and computes metrics, correlations and figures."""

@@ -1,0 +1,1 @@
+"""Everything that runs checkpoints forward: the batched probe engine, token sets, benchmark scoring."""
