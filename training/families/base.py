@@ -65,6 +65,18 @@ class Family:
     def layer_path(self, i: int) -> str:
         return f"{self.layers}.{i}"
 
+    def collate_images(self, items: list[dict]) -> dict:
+        """Batch per-example processor image outputs. LLaVA style: pixel_values is (1, patches, C, H, W)
+        with a patch count that depends on the aspect ratio, so pad the patch axis, then concatenate."""
+        out = {}
+        for k in items[0]:
+            ts = [it[k] for it in items]
+            if k == "pixel_values" and ts[0].dim() == 5:
+                n = max(t.shape[1] for t in ts)
+                ts = [torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1], *t.shape[2:])], 1) for t in ts]
+            out[k] = torch.cat(ts, 0)
+        return out
+
     # -- building and loading ----------------------------------------------------------------------
     def build_tiny(self, seed: int = 0, **overrides):  # -> (model, processor)
         """A tiny random model (well under 5M parameters) and its offline processor."""

@@ -1,0 +1,172 @@
+"""Checkpoint folders: write them atomically (full or delta), read them back (probes load through here).
+
+A full checkpoint is a Hugging Face `save_pretrained` folder (config.json, *.safetensors, processor and
+tokenizer files). A delta holds only the trained tensors, for real models where a full save per stage per
+recipe fills a disk:
+
+    stage-03-textvqa/delta.json          {"format": "lmm-drift-delta", "version": 1, "base": "../../Qwen2.5-VL-7B",
+                                          "family": "qwen2_5_vl", "tensors": 112}
+    stage-03-textvqa/delta.safetensors   the trained tensors' full values (not differences), by parameter name
+    stage-03-textvqa/tokenizer*.json ... processor files, so the folder is self-describing
+
+`base` is a full checkpoint folder, relative to the delta folder or absolute; deltas never chain.
+Writers go through a temporary sibling folder and rename, so a half-written folder is never taken as done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .families import CheckpointError, Family, check_checkpoint_folder, family_of_checkpoint, get_family
+
+DELTA_JSON = "delta.json"
+DELTA_WEIGHTS = "delta.safetensors"
+DELTA_FORMAT = "lmm-drift-delta"
+
+
+def is_delta(path: str | os.PathLike) -> bool:
+    return (Path(path) / DELTA_JSON).is_file()
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """A folder that looks like a checkpoint we can load (full HF folder or delta); not validated deeply."""
+    p = Path(path)
+    return p.is_dir() and (is_delta(p) or (p / "config.json").is_file() and any(
+        f.endswith((".safetensors", ".bin")) for f in os.listdir(p)))
+
+
+class _AtomicDir:
+    """Write into a temporary sibling, rename onto `path` on success; remove the temporary on failure."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self.tmp, self.path)
+        return False
+
+
+def atomic_dir(path: str | os.PathLike) -> _AtomicDir:
+    return _AtomicDir(path)
+
+
+def save_full(model: nn.Module, processor, path: str | os.PathLike) -> Path:
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+    return Path(path)
+
+
+def save_delta(model: nn.Module, processor, path: str | os.PathLike, base: str | os.PathLike,
+               names: Iterable[str], family: Family) -> Path:
+    """Save only `names` (parameter names) of `model`, naming `base` (a full checkpoint folder)."""
+    path, base = Path(path), Path(base)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"save_delta: no parameter named {missing[0]!r}")
+    tensors = {n: params[n].detach().to("cpu").contiguous().clone() for n in names}
+    rel = os.path.relpath(base.resolve(), path.parent.resolve() / path.name)
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / DELTA_WEIGHTS), metadata={"format": DELTA_FORMAT})
+        (tmp / DELTA_JSON).write_text(json.dumps({"format": DELTA_FORMAT, "version": 1, "base": rel,
+                                                  "family": family.name, "tensors": len(tensors)}, indent=1))
+        if processor is not None:
+            processor.save_pretrained(tmp)
+    return path
+
+
+def read_delta(path: str | os.PathLike) -> tuple[dict, Path]:
+    """(delta.json contents, resolved base folder); errors name the folder."""
+    p = Path(path)
+    try:
+        meta = json.loads((p / DELTA_JSON).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{p / DELTA_JSON}: unreadable delta description ({e})") from e
+    if meta.get("format") != DELTA_FORMAT or "base" not in meta:
+        raise CheckpointError(f"{p / DELTA_JSON}: not an {DELTA_FORMAT} file (needs format and base)")
+    base = Path(meta["base"])
+    base = base if base.is_absolute() else (p / base)
+    base = Path(os.path.normpath(base))
+    if not base.is_dir():
+        raise CheckpointError(f"{p}: its base checkpoint {base} does not exist")
+    if is_delta(base):
+        raise CheckpointError(f"{p}: its base {base} is itself a delta; deltas must name a full checkpoint")
+    return meta, base
+
+
+def family_of(path: str | os.PathLike) -> Family:
+    if is_delta(path):
+        meta, base = read_delta(path)
+        return get_family(meta["family"]) if "family" in meta else family_of_checkpoint(base)
+    return family_of_checkpoint(path)
+
+
+def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | None = None,
+               attn_implementation: str | None = None, allow_pickle: bool = False,
+               trust_remote_code: bool = False) -> nn.Module:
+    """Load a full checkpoint or a delta over its base, in eval mode."""
+    path = Path(path)
+    kw = dict(dtype=dtype, attn_implementation=attn_implementation, allow_pickle=allow_pickle,
+              trust_remote_code=trust_remote_code)
+    if not is_delta(path):
+        return family_of_checkpoint(path).load(path, device=device, **kw)
+    meta, base = read_delta(path)
+    model = family_of_checkpoint(base).load(base, **kw)
+    weights = path / DELTA_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: no {DELTA_WEIGHTS}")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointError(f"{weights}: cannot read ({e})") from e
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for n, t in tensors.items():
+            if n not in params:
+                raise CheckpointError(f"{weights}: tensor {n!r} is not a parameter of the base model {base}")
+            if params[n].shape != t.shape:
+                raise CheckpointError(f"{weights}: tensor {n!r} has shape {tuple(t.shape)}, the base has "
+                                      f"{tuple(params[n].shape)}")
+            params[n].copy_(t.to(params[n].dtype))
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def load_processor(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The folder's own processor (a delta carries one); falls back to a delta's base."""
+    from transformers import AutoProcessor
+
+    path = Path(path)
+    candidates = [path] + ([read_delta(path)[1]] if is_delta(path) else [])
+    errors = []
+    for c in candidates:
+        try:
+            return AutoProcessor.from_pretrained(str(c), local_files_only=True, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError) as e:
+            errors.append(f"{c}: {e}")
+    raise CheckpointError(f"{path}: no usable processor/tokenizer ({'; '.join(errors)[:400]})")
+
+
+__all__ = ["DELTA_JSON", "DELTA_WEIGHTS", "atomic_dir", "check_checkpoint_folder", "family_of", "is_checkpoint",
+           "is_delta", "load_model", "load_processor", "read_delta", "save_delta", "save_full"]
