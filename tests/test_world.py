@@ -1,0 +1,216 @@
+"""The embedded world: deterministic, LCS-558K-shaped captions, disjoint splits, well-formed answers,
+natural number base rate, tokenizers that keep numbers ordinary, loadable init/base checkpoints."""
+import hashlib
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from training.tokenizer import NUMBER_WORDS
+from training.world import (
+    HELDOUT_TASKS,
+    TARGET_TASKS,
+    draw,
+    ensure_world,
+    load_world,
+    read_records,
+    scenes,
+    tasks,
+    write_world,
+)
+from training.world.registry import SCORERS, TASKS
+
+from .conftest import FAMILY_NAMES
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_world(tmp_path_factory.mktemp("world") / "w", size="tiny", seed=0)
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _all_split_files(info) -> list[str]:
+    return [info["captions"]] + [t[s] for t in info["tasks"].values() for s in ("train", "test")] + [info["pretrain"]]
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_does_not(world, tmp_path):
+    again = write_world(tmp_path / "again", size="tiny", seed=0)
+    a, b = _tree_digest(world), _tree_digest(again)
+    assert len(a) > 400 and a == b
+    other = _tree_digest(write_world(tmp_path / "other", size="tiny", seed=1))
+    assert other.keys() == a.keys()
+    assert sum(other[k] != a[k] for k in a) > 0.9 * len(a)
+
+
+def test_world_json_layout(world):
+    info = load_world(world)
+    assert info["images"] == "images" and info["captions"] == "captions/lcs558k.json"
+    assert info["pretrain"] == "tasks/pretrain/train.json"
+    assert list(info["tasks"]) == list(TASKS)
+    assert TARGET_TASKS == ["cub200", "pixmocount", "pathvqa", "textvqa", "timeclock"]
+    assert len(HELDOUT_TASKS) >= 6 and not set(HELDOUT_TASKS) & set(TARGET_TASKS)
+    for name, t in info["tasks"].items():
+        assert t["kind"] == ("target" if name in TARGET_TASKS else "heldout")
+        assert t["train"] == f"tasks/{name}/train.json" and t["test"] == f"tasks/{name}/test.json"
+        assert t["scorer"] in SCORERS and 0 < t["chance"] < 100
+        assert ("order" in t) == (t["kind"] == "target")
+    assert [info["tasks"][n]["order"] for n in TARGET_TASKS] == list(range(5))
+
+
+def _check_lcs_record(rec, images: Path):
+    assert set(rec) == {"id", "image", "conversations"}
+    assert isinstance(rec["id"], str) and isinstance(rec["image"], str) and not rec["image"].startswith("/")
+    human, gpt = rec["conversations"]
+    assert set(human) == {"from", "value"} and set(gpt) == {"from", "value"}
+    assert human["from"] == "human" and gpt["from"] == "gpt"
+    assert human["value"].startswith("<image>\n") and human["value"].count("<image>") == 1
+    assert gpt["value"] and gpt["value"] == gpt["value"].strip() and "<image>" not in gpt["value"]
+    with Image.open(images / rec["image"]) as im:
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (draw.IMAGE_SIZE, draw.IMAGE_SIZE)
+
+
+def test_captions_are_in_the_exact_lcs558k_format(world):
+    info = load_world(world)
+    caps = read_records(world, info["captions"])
+    assert isinstance(caps, list) and len(caps) == 48
+    for rec in caps:
+        _check_lcs_record(rec, world / "images")
+        assert re.fullmatch(r"\d{9}", rec["id"])
+        assert rec["conversations"][0]["value"].split("\n", 1)[1] in tasks.CAPTION_INSTRUCTIONS
+        cap = rec["conversations"][1]["value"]
+        assert cap == cap.lower() and not cap.endswith(".")  # BLIP-style captions, as in LCS-558K
+    assert len({r["conversations"][0]["value"] for r in caps}) >= 5
+
+
+def test_every_split_uses_the_same_record_format_and_ids_are_unique(world):
+    info = load_world(world)
+    ids = []
+    for rel in _all_split_files(info)[:-1]:
+        for rec in read_records(world, rel):
+            _check_lcs_record(rec, world / "images")
+            ids.append(rec["id"])
+    assert len(ids) == len(set(ids))
+
+
+def test_pretraining_is_captions_and_heldout_train_splits_only(world):
+    info = load_world(world)
+    pre = read_records(world, info["pretrain"])
+    expected = read_records(world, info["captions"]) + [
+        r for n in HELDOUT_TASKS for r in read_records(world, info["tasks"][n]["train"])]
+    key = lambda r: r["id"]  # noqa: E731
+    assert sorted(pre, key=key) == sorted(expected, key=key)
+    assert not any(r["id"].split("-")[0] in TARGET_TASKS for r in pre)
+
+
+def test_no_test_image_occurs_in_any_train_split_or_the_captions(world):
+    info = load_world(world)
+
+    def pixels(rel):
+        return {hashlib.sha1(Image.open(world / "images" / r["image"]).convert("RGB").tobytes()).hexdigest()
+                for r in read_records(world, rel)}
+    test = set().union(*(pixels(t["test"]) for t in info["tasks"].values()))
+    train = set().union(pixels(info["captions"]), *(pixels(t["train"]) for t in info["tasks"].values()))
+    assert test and train and not test & train
+
+
+def _qa(world, task):
+    info = load_world(world)
+    recs = [r for s in ("train", "test") for r in read_records(world, info["tasks"][task][s])]
+    return [(r["conversations"][0]["value"], r["conversations"][1]["value"]) for r in recs]
+
+
+def test_target_answers_are_well_formed(world):
+    for q, a in _qa(world, "cub200"):
+        letters = re.findall(r"^([A-Z])\. (.+)$", q, flags=re.M)
+        assert [x for x, _ in letters] == list("ABCDEF")[:tasks.BIRD_OPTIONS]
+        assert re.fullmatch(r"[A-Z]", a) and a in dict(letters)
+        assert dict(letters)[a] in tasks.BIRD_NAMES
+    for _, a in _qa(world, "pixmocount"):
+        assert re.fullmatch(r"[1-9]", a)
+    for q, a in _qa(world, "pathvqa"):
+        allowed = {"yes", "no"} if "lesion" in q else set(draw.PATTERNS) if "pattern" in q else set(draw.STAINS)
+        assert a in allowed
+    for _, a in _qa(world, "textvqa"):
+        assert a in tasks.WORDS or (re.fullmatch(r"\d{1,2}", a) and str(int(a)) == a)
+    for _, a in _qa(world, "timeclock"):
+        m = re.fullmatch(r"(1[0-2]|[1-9]):([0-5]\d)", a)
+        assert m and int(m.group(2)) % tasks.MINUTE_STEP == 0
+
+
+def test_heldout_answers_are_well_formed(world):
+    allowed = {"colour": set(draw.COLOURS), "shape": set(draw.SHAPES), "position": set(scenes.POSITIONS.values()),
+               "size": {"small", "large"}, "presence": {"yes", "no"}, "caption_match": set("ABCD"),
+               "background": set(draw.BACKGROUNDS), "scene": {"shapes", "tissue", "a bird", "a clock", "a sign"}}
+    assert set(allowed) == set(HELDOUT_TASKS)
+    for task, ok in allowed.items():
+        answers = [a for _, a in _qa(world, task)]
+        assert set(answers) <= ok, task
+        if task in ("presence", "size"):
+            assert len(set(answers)) == 2, task  # both answers occur
+
+
+def test_caption_match_answer_is_the_description_of_the_drawn_object():
+    for i in range(200):
+        s = tasks.caption_match(random.Random(f"cm{i}"))
+        options = dict(re.findall(r"^([A-D])\. (.+)$", s.instruction, flags=re.M))
+        assert len(set(options.values())) == 4
+        # redraw the same scene: the same seed gives the same first draw of sample_scene
+        o = scenes.sample_scene(random.Random(f"cm{i}"), 1).objects[0]
+        assert options[s.answer] == f"a {o.size} {o.colour} {o.shape} at the {o.position}"
+
+
+def _has_number(text: str) -> bool:
+    words = set(NUMBER_WORDS)
+    return bool(re.search(r"\d", text)) or any(w in words for w in re.findall(r"[a-z]+", text.lower()))
+
+
+def test_numbers_occur_in_a_minority_of_captions_at_a_natural_rate():
+    caps = [tasks.caption(random.Random(f"rate{i}")).answer for i in range(3000)]
+    rate = sum(map(_has_number, caps)) / len(caps)
+    digits = sum(bool(re.search(r"\d", c)) for c in caps) / len(caps)
+    # LCS-558K-like: a minority of captions mention a number (stated range 5-25 %), some as digits
+    assert 0.05 <= rate <= 0.25, rate
+    assert 0.01 <= digits < rate
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_world_tokenizer_keeps_digits_and_number_words_as_ordinary_tokens(family, world):
+    from training.world.tokenizers import world_tokenizer
+    tok = world_tokenizer(family, world)
+    special = set(tok.all_special_tokens)
+
+    def pieces(text):
+        return [t for t in tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
+                if t.strip("Ġ▁ ")]
+    assert pieces("0123456789") == list("0123456789")
+    for w in ["two", "three", "seven", "twenty", "hundred"]:
+        for text in (w, f"a {w}", w.capitalize()):
+            assert [p.strip("Ġ▁") for p in pieces(text)][-1] == text.split()[-1], (family, text)
+    assert not any(p in special for p in pieces("there are 12 red circles and two squares at 3:45"))
+    assert tok.decode(tok("there are 12 red circles at 3:45", add_special_tokens=False)["input_ids"]).strip() == \
+        "there are 12 red circles at 3:45"
+    assert tok.chat_template
+
+
+def test_ensure_world_generates_once_atomically_and_reuses(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMM_DRIFT_CACHE", str(tmp_path / "cache"))
+    path = ensure_world(size="tiny")
+    assert path == tmp_path / "cache" / "world" / "v1-tiny"
+    stamp = (path / "world.json").stat().st_mtime_ns
+    assert ensure_world(size="tiny") == path and (path / "world.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in path.parent.iterdir()] == ["v1-tiny"]  # no temporary folder left behind
+    explicit = ensure_world(tmp_path / "mine", size="tiny")
+    assert json.loads((explicit / "world.json").read_text())["size"] == "tiny"
+
+
+def test_ensure_world_refuses_an_incomplete_folder(tmp_path):
+    (tmp_path / "half" / "images").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="half.*no complete world"):
+        ensure_world(tmp_path / "half", size="tiny")

@@ -1,0 +1,14 @@
+"""The embedded world: a procedural, seeded multimodal miniature of the study (data, tokenizers, base model).
+
+    world = ensure_world()                       # .cache/world/v1 (or $LMM_DRIFT_CACHE/world/v1), built once
+    info = load_world(world)                     # world.json: tasks, splits, scorers, chance levels
+    ckpt = base_checkpoint("qwen2_5_vl", "toy")  # the pretrained base model, built once and cached
+
+`TARGET_TASKS` are the five skills taught in sequence (in their default order); `HELDOUT_TASKS` are
+general abilities the base model is pretrained on and no stage trains.
+"""
+from .build import WORLD_SIZES, cache_root, ensure_world, load_world, read_records, write_world
+from .registry import HELDOUT_TASKS, TARGET_TASKS, TASKS, get_task
+
+__all__ = ["HELDOUT_TASKS", "TARGET_TASKS", "TASKS", "WORLD_SIZES", "cache_root", "ensure_world", "get_task",
+           "load_world", "read_records", "write_world"]
