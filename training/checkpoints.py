@@ -68,19 +68,21 @@ def atomic_dir(path: str | os.PathLike) -> _AtomicDir:
     return _AtomicDir(path)
 
 
-def save_full(model: nn.Module, processor, path: str | os.PathLike) -> Path:
+def save_full(model: nn.Module, processor, path: str | os.PathLike, state_dict: dict | None = None) -> Path:
+    """`state_dict`: the full weights where the model's own are sharded (FSDP, ZeRO-3), gathered by the caller."""
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if processor is not None:
             processor.save_pretrained(tmp)
     return Path(path)
 
 
 def save_delta(model: nn.Module, processor, path: str | os.PathLike, base: str | os.PathLike,
-               names: Iterable[str], family: Family) -> Path:
-    """Save only `names` (parameter names) of `model`, naming `base` (a full checkpoint folder)."""
+               names: Iterable[str], family: Family, state_dict: dict | None = None) -> Path:
+    """Save only `names` (parameter names) of `model` (or of `state_dict`, the gathered full weights of a
+    sharded model), naming `base` (a full checkpoint folder). No names: a delta equal to its base."""
     path, base = Path(path), Path(base)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = state_dict if state_dict is not None else dict(model.named_parameters(remove_duplicate=False))
     missing = [n for n in names if n not in params]
     if missing:
         raise KeyError(f"save_delta: no parameter named {missing[0]!r}")
