@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -49,7 +50,7 @@ class Run:
     def family(self) -> str:
         return str(self.manifest["family"])
 
-    @property
+    @cached_property
     def stages(self) -> pd.DataFrame:
         """index, name, task of every stage, in order (stage 0 is the base model)."""
         return pd.DataFrame(self.manifest["stages"], columns=list(STAGE_KEYS)).set_index("index", drop=False)
