@@ -12,7 +12,8 @@ Formats (chosen by what the path is):
     cs.samples[0].open_image(); cs.hash   # the exact subset's hash, recorded with every result
 
 Selection: the first N records (the study's choice) or N drawn at random with a seed. The hash covers
-the selected records' ids, image paths, instructions and captions, in order. Image paths are resolved
+the selected records' ids, image paths as written in the data (or the digest of embedded image bytes),
+instructions and captions, in order, so moving the data set elsewhere keeps the hash. Image paths are resolved
 under the images root and may not leave it; every selected image must exist before anything runs.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Sample:
     instruction: str
     caption: str | None           # None for prompts that are only generated from (evaluation)
     image: Any = None             # absolute path (str), encoded bytes, a PIL image, or None (text only)
+    image_ref: str = ""           # what the subset hash records: the path as the data wrote it, or a digest
 
     def open_image(self):
         """The image as RGB PIL; errors name the sample and the file."""
@@ -87,8 +89,7 @@ class CaptionSet:
 def subset_hash(samples: list[Sample]) -> str:
     h = hashlib.sha256()
     for s in samples:
-        img = s.image if isinstance(s.image, str) else ("<bytes>" if s.image is not None else "")
-        for part in (s.id, img, s.instruction, s.caption or ""):
+        for part in (s.id, s.image_ref, s.instruction, s.caption or ""):
             h.update(part.encode("utf-8", "surrogatepass") + b"\0")
     return h.hexdigest()[:16]
 
@@ -192,6 +193,17 @@ def _parse(rec: Any, index: int, where: str) -> tuple[str, str, str, Any]:
     return rid, instruction.strip(), caption.strip(), rec.get("image")
 
 
+def _image_ref(field: Any) -> str:
+    """The image's identity independent of where the data set lies: its relative path or a content digest."""
+    if isinstance(field, dict):
+        field = field.get("bytes") or field.get("path")
+    if isinstance(field, (bytes, bytearray)):
+        return "sha256:" + hashlib.sha256(field).hexdigest()[:16]
+    if hasattr(field, "tobytes"):
+        return "sha256:" + hashlib.sha256(field.tobytes()).hexdigest()[:16]
+    return str(field or "")
+
+
 def _resolve_image(field: Any, root: Path, rid: str, where: str) -> Any:
     if field is None:
         raise CaptionDataError(f"{where}: record {rid!r} has no image")
@@ -252,5 +264,5 @@ def load_captions(path: str | os.PathLike, images: str | os.PathLike | None = No
         if rid in seen:
             raise CaptionDataError(f"{where}: record id {rid!r} appears twice among the selected records")
         seen.add(rid)
-        samples.append(Sample(rid, instruction, caption, _resolve_image(field, root, rid, where)))
+        samples.append(Sample(rid, instruction, caption, _resolve_image(field, root, rid, where), _image_ref(field)))
     return CaptionSet(samples, path.name, subset_hash(samples), str(path))

@@ -53,7 +53,7 @@ def probe_names(set_names: Iterable[str]) -> list[str]:
 # -- statistics over the vocabulary, in chunks -----------------------------------------------------
 @dataclass
 class VocabStats:
-    lse: torch.Tensor                      # (N,) logsumexp over the whole vocabulary, fp32
+    lse: torch.Tensor                      # (N,) logsumexp over the whole vocabulary, fp64
     entropy: torch.Tensor                  # (N,) nats
     set_lse: dict[str, torch.Tensor]       # (N,) logsumexp over each token set
     set_max: dict[str, torch.Tensor]       # (N,) largest logit within each token set
@@ -73,14 +73,14 @@ def vocab_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                 chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> VocabStats:
     """Statistics of softmax(hidden @ weight.T + bias) per row, never holding more than ~chunk_elems logits.
 
-    The projection runs in the weights' dtype (as the model's own lm_head would) and everything after it
-    in fp32. The entropy uses an online form: with m the running max, s = sum e^(z-m), t = sum e^(z-m)(z-m),
+    The projection runs in the weights' dtype (as the model's own lm_head would), exponentials in fp32,
+    and the per-row sums in fp64 (a few numbers per row, so rounding does not grow with the vocabulary). The entropy uses an online form: with m the running max, s = sum e^(z-m), t = sum e^(z-m)(z-m),
     H = log s - t / s, rescaled whenever m grows.
     """
     N, V = hidden.shape[0], weight.shape[0]
-    out = {k: [hidden.new_zeros(0, dtype=torch.float32)] for k in ("lse", "entropy")}
+    out = {k: [hidden.new_zeros(0, dtype=torch.float64)] for k in ("lse", "entropy")}
     out["argmax"] = [torch.zeros(0, dtype=torch.long, device=hidden.device)]
-    rows = max(1, min(N, 4096, chunk_elems))
+    rows = max(1, min(N, math.isqrt(chunk_elems)))   # 4096 x 4096 blocks by default
     cols = max(1, min(V, chunk_elems // rows))
     for r0 in range(0, N, rows):
         h = hidden[r0:r0 + rows]
@@ -95,21 +95,22 @@ def vocab_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                 m_new = cm
                 d = z - m_new[:, None]
                 e = torch.exp(d)
-                s, t = e.sum(1), (e * d).sum(1)
+                s, t = e.sum(1, dtype=torch.float64), (e * d).sum(1, dtype=torch.float64)
                 best, best_i = cm, ci
             else:
                 m_new = torch.maximum(m, cm)
-                alpha = torch.exp(m - m_new)
+                shift = (m - m_new).double()
+                alpha = torch.exp(shift)
                 d = z - m_new[:, None]
                 e = torch.exp(d)
-                t = alpha * (t + s * (m - m_new)) + (e * d).sum(1)
-                s = alpha * s + e.sum(1)
+                t = alpha * (t + s * shift) + (e * d).sum(1, dtype=torch.float64)
+                s = alpha * s + e.sum(1, dtype=torch.float64)
                 better = cm > best                       # strict: an earlier chunk wins ties
                 best = torch.where(better, cm, best)
                 best_i = torch.where(better, ci + c0, best_i)
             m = m_new
         log_s = torch.log(s)
-        out["lse"].append(m + log_s)
+        out["lse"].append(m.double() + log_s)
         out["entropy"].append(log_s - t / s)
         out["argmax"].append(best_i)
     set_lse, set_max = {}, {}
@@ -117,7 +118,7 @@ def vocab_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         z = hidden @ w.T
         if b is not None:
             z = z + b
-        z = z.float()
+        z = z.double()
         set_lse[name] = torch.logsumexp(z, dim=1)
         set_max[name] = z.max(dim=1).values
     return VocabStats(torch.cat(out["lse"]), torch.cat(out["entropy"]), set_lse, set_max,

@@ -12,10 +12,28 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoints import is_checkpoint, load_model, load_processor
+from training.checkpoints import is_checkpoint, is_delta, load_model, load_processor, read_delta
 from training.families import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
+# Files that hold a vocabulary; without one, AutoProcessor quietly builds an empty tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    p = Path(folder)
+    return any((p / f).is_file() for f in TOKENIZER_FILES) or any(p.glob("*.tiktoken"))
+
+
+def has_image_processor(folder: str | os.PathLike) -> bool:
+    """preprocessor_config.json (older layout) or processor_config.json with an image_processor entry."""
+    p = Path(folder)
+    if (p / "preprocessor_config.json").is_file():
+        return True
+    try:
+        return "image_processor" in json.loads((p / "processor_config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def is_adapter(path: str | os.PathLike) -> bool:
@@ -75,12 +93,18 @@ def load_processor_for(path: str | os.PathLike):
     """The checkpoint's processor (tokenizer + image processor + chat template); an adapter without one uses
     its base's. Raises CheckpointError naming the folder when there is none."""
     path = Path(path)
-    try:
-        proc = load_processor(path)
-    except CheckpointError:
-        if not is_adapter(path):
-            raise
-        proc = load_processor(adapter_base(path))
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint folder does not exist")
+    bases = [read_delta(path)[1]] if is_delta(path) else [adapter_base(path)] if is_adapter(path) else []
+    source = next((c for c in [path, *bases] if has_tokenizer(c)), None)
+    if source is None:
+        where = f"{path}" + (f" nor its base {bases[0]}" if bases else "")
+        raise CheckpointError(f"{path}: no tokenizer: no {', '.join(TOKENIZER_FILES)} or *.tiktoken in {where}; "
+                              "save the processor (tokenizer included) with the checkpoint")
+    if not any(has_image_processor(c) for c in [source, *bases]):
+        raise CheckpointError(f"{path}: no image processor (no preprocessor_config.json, and no processor_config.json "
+                              "with an image_processor entry); save the processor with the checkpoint")
+    proc = load_processor(source)
     if not hasattr(proc, "tokenizer") or not hasattr(proc, "image_processor"):
         raise CheckpointError(f"{path}: has a tokenizer but no multimodal processor (no image processor / "
                               "preprocessor_config.json); save the processor with the checkpoint")

@@ -34,6 +34,7 @@ from .engine import MAX_NEW_TOKENS, Engine, probe_names
 from .loading import load_for_inference, load_processor_for
 from .tokensets import TOKEN_SETS, decoded_vocab, token_set, vocab_fingerprint
 
+SHORT = {"teacher-forced": "tf", "generate": "gen"}
 MODES = {"teacher-forced": ("teacher-forced",), "generate": ("generate",),
          "both": ("teacher-forced", "generate")}
 
@@ -57,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help=f"comma-separated token sets to probe (known: {', '.join(sorted(TOKEN_SETS))})")
     ap.add_argument("--out", help="the table (default: CKPT_DIR/probes.parquet)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    ap.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash_attention_2", "eager"],
+                    help="attention implementation on a GPU (auto: sdpa)")
     ap.add_argument("--replace", action="store_true",
                     help="replace rows computed on a different caption subset instead of stopping")
     args = ap.parse_args(argv)
@@ -105,13 +108,13 @@ def broadcast(obj, rank: int, world: int):
     return box[0]
 
 
-def pick_device(arg: str) -> tuple[str, torch.dtype, str | None]:
-    """(device, dtype, attention implementation): fp32 on the CPU, bf16 + SDPA on a GPU."""
+def pick_device(arg: str = "auto", attn: str = "auto") -> tuple[str, torch.dtype, str | None]:
+    """(device, dtype, attention implementation): fp32 on the CPU, bf16 + SDPA (or flash) on a GPU."""
     if arg == "auto":
         arg = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     if arg.startswith("cuda"):
-        return arg, torch.bfloat16, "sdpa"
-    return arg, torch.float32, None
+        return arg, torch.bfloat16, "sdpa" if attn == "auto" else attn
+    return arg, torch.float32, None if attn == "auto" else attn
 
 
 # -- the work --------------------------------------------------------------------------------------
@@ -189,35 +192,43 @@ def plan_work(args, run, caps, names, out_path) -> list[tuple]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()      # one bar per checkpoint and per batch is ours; no weight-loading bars
     rank, world = init_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
-    try:
+    plan = error = None
+    try:                      # every rank reads the same inputs and fails alike; only rank 0 reads the table
         run = discover(args.ckpt_dir)
         caps = caption_set(args, run)
         out_path = Path(args.out) if args.out else run.root / "probes.parquet"
         names = probe_names(args.token_sets)
-        plan = broadcast(plan_work(args, run, caps, names, out_path) if rank == 0 else None, rank, world)
+        if rank == 0:
+            plan = plan_work(args, run, caps, names, out_path)
     except (DiscoveryError, CaptionDataError, CheckpointError, table.TableError) as e:
-        print(f"probes.run: error: {e}", file=sys.stderr)
+        error = str(e)
+    plan, error = broadcast((plan, error) if rank == 0 else None, rank, world)
+    if error is not None:
+        if rank == 0:
+            print(f"probes.run: error: {error}", file=sys.stderr)
         return 2
-    device, dtype, attn = pick_device(args.device)
+    device, dtype, attn = pick_device(args.device, args.attn)
     say(f"probes.run: {len(run.checkpoints)} checkpoint(s) in {run.root}; captions {caps.source} "
         f"({len(caps.samples)} samples, hash {caps.hash}); modes {', '.join(MODES[args.mode])}; {device} {dtype}; "
         f"{world} process(es) -> {out_path}")
 
     status: dict[int, str] = {}
-    failed = 0
     ref = None                          # (path, fingerprint, vocabulary size) of the run's tokenizer
     set_cache: dict[str, dict] = {}
     for ck, (need, clash) in tqdm(list(zip(run.checkpoints, plan)), desc="checkpoints", unit="ckpt",
                                   disable=rank != 0):
         if clash:
-            status[ck.stage], failed = f"FAILED: {clash}", failed + 1
+            status[ck.stage] = f"FAILED: {clash}"
             continue
         if ref is None or need:
             try:
                 processor = load_processor_for(ck.path)
-                fp = vocab_fingerprint(processor.tokenizer)
+                fp = vocab_fingerprint(processor.tokenizer)    # same id -> token map = same token sets
                 if ref is None:
                     ref = (ck.path, fp, len(processor.tokenizer))
                 elif fp != ref[1]:
@@ -236,7 +247,6 @@ def main(argv=None) -> int:
         try:
             if err is not None:
                 raise err
-            fp = vocab_fingerprint(processor.tokenizer)
             if fp not in set_cache:
                 vocab = decoded_vocab(processor.tokenizer)
                 set_cache[fp] = {s: token_set(processor.tokenizer, s, vocab) for s in args.token_sets}
@@ -251,7 +261,7 @@ def main(argv=None) -> int:
             continue
         errors = [f"rank {r}: {p['error']}" if world > 1 else p["error"] for r, p in enumerate(parts) if "error" in p]
         if errors:
-            status[ck.stage], failed = f"FAILED: {errors[0]}", failed + 1
+            status[ck.stage] = f"FAILED: {errors[0]}"
             continue
         rows = []
         try:
@@ -263,17 +273,20 @@ def main(argv=None) -> int:
             table.append_rows(out_path, rows)
             status[ck.stage] = "done"
         except Exception as e:
-            status[ck.stage], failed = f"FAILED: {type(e).__name__}: {e}", failed + 1
+            status[ck.stage] = f"FAILED: {type(e).__name__}: {e}"
 
+    failed = [ck for ck in run.checkpoints if status.get(ck.stage, "").startswith("FAILED")]
     if rank == 0:
         print_summary(run, out_path, status, caps.hash)
+        for ck in failed:
+            print(f"probes.run: stage {ck.stage} ({ck.path}) {status[ck.stage]}", file=sys.stderr)
         if failed:
-            print(f"probes.run: {failed} checkpoint(s) failed; the others are in {out_path}", file=sys.stderr)
+            print(f"probes.run: {len(failed)} checkpoint(s) failed; the others are in {out_path}", file=sys.stderr)
+    n_failed = broadcast(len(failed) if rank == 0 else None, rank, world)   # every rank exits alike
     if world > 1:
         import torch.distributed as dist
-        dist.barrier()
         dist.destroy_process_group()
-    return 1 if failed else 0
+    return 1 if n_failed else 0
 
 
 def print_summary(run: RunDir, out_path: Path, status: dict[int, str], dataset_hash: str) -> None:
@@ -284,10 +297,12 @@ def print_summary(run: RunDir, out_path: Path, status: dict[int, str], dataset_h
         row = {"stage": ck.stage, "name": ck.stage_name}
         sel = df[df["stage"] == ck.stage] if len(df) else df
         for _, r in sel.iterrows():
-            row[f"{r['probe']} ({r['mode']})"] = f"{r['mean']:.4f}"
-        row["status"] = status.get(ck.stage, "")
+            row[f"{r['probe']} [{SHORT[r['mode']]}]"] = f"{r['mean']:.4f} ± {(r['ci_high'] - r['ci_low']) / 2:.4f}"
+        st = status.get(ck.stage, "").splitlines()[0] if status.get(ck.stage) else ""
+        row["status"] = st if len(st) <= 100 else st[:97] + "..."
         lines.append(row)
-    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 90):
+    with pd.option_context("display.max_columns", None, "display.width", 250, "display.max_colwidth", 120):
+        print(f"\n{out_path} (mean ± 95% CI half-width over samples; tf = teacher-forced, gen = generate)")
         print(pd.DataFrame(lines).fillna("").to_string(index=False))
 
 

@@ -212,3 +212,20 @@ def test_memory_is_bounded_by_the_chunk_not_by_positions_times_vocabulary(monkey
     h, w = torch.randn(5000, 8), torch.randn(3000, 8)
     vocab_stats(h, w, None, {}, chunk_elems=1 << 16)
     assert max(seen) <= 1 << 16 and len(seen) > 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_gpu_fp32_matches_the_reference_and_bf16_runs(name, setup):
+    samples, model, processor, tf_ref, gen_ref = setup(name)
+    gpu = copy.deepcopy(model).to("cuda")
+    eng = Engine(gpu, processor)
+    got = eng.teacher_forced(samples, batch_size=32)
+    assert max(max_diff(got[i], r) for i, r in enumerate(tf_ref)) < TOL
+    gens = eng.generate(samples, batch_size=32, max_new_tokens=MAX_NEW, stats=True)
+    assert [g.token_ids for g in gens] == [t for t, _ in gen_ref]
+    bf16 = Engine(copy.deepcopy(model).to("cuda", torch.bfloat16), processor)
+    low = bf16.teacher_forced(samples, batch_size=32)
+    assert max(abs(low[i]["number_mass"] - r["number_mass"]) for i, r in enumerate(tf_ref)) < 0.05
+    assert all(g.n_steps >= 1 for g in bf16.generate(samples, batch_size=32, max_new_tokens=8, stats=True))
