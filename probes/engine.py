@@ -163,12 +163,47 @@ class Generation:
     n_steps: int = 0
 
 
+class EncodeCache:
+    """Encoded samples shared by the checkpoints of a run: they share one processor, so the image
+    preprocessing and tokenisation (most of the time on small models) are done once. Keyed by the
+    processor's identity and the sample's content; stops storing beyond `max_bytes` of tensors."""
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        self.max_bytes, self.bytes, self.store = max_bytes, 0, {}
+
+    def get(self, key):
+        return self.store.get(key)
+
+    def put(self, key, ex) -> None:
+        size = sum(t.nbytes for t in [ex.input_ids, *ex.image_inputs.values(), *ex.token_type_ids.values()]
+                   if torch.is_tensor(t))
+        if self.bytes + size <= self.max_bytes:
+            self.store[key] = ex
+            self.bytes += size
+
+
+def processor_key(processor) -> str:
+    """What makes two processors encode alike: vocabulary, chat template, image processor settings."""
+    import hashlib
+
+    from .tokensets import vocab_fingerprint
+
+    tok = processor.tokenizer
+    parts = [vocab_fingerprint(tok), str(getattr(processor, "chat_template", None) or tok.chat_template),
+             processor.image_processor.to_json_string() if hasattr(processor, "image_processor") else "",
+             type(processor).__name__]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
 class Engine:
     """One loaded checkpoint (model + its processor) ready to probe or generate in batches."""
 
     def __init__(self, model: nn.Module, processor, *, token_sets: Sequence[str] = ("number",),
-                 set_ids: dict[str, list[int]] | None = None, chunk_elems: int = DEFAULT_CHUNK_ELEMS):
+                 set_ids: dict[str, list[int]] | None = None, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+                 encode_cache: EncodeCache | None = None):
         self.model, self.processor = model.eval(), processor
+        self.cache = encode_cache
+        self._proc_key = processor_key(processor) if encode_cache is not None else None
         self.tokenizer = processor.tokenizer
         self.family = family_of_model(model)
         self.base = model.base_model              # the multimodal model without its output projection
@@ -194,13 +229,20 @@ class Engine:
     def encode(self, sample: Sample, with_answer: bool):
         if with_answer and sample.caption is None:
             raise CaptionDataError(f"sample {sample.id!r} has no caption to teacher-force")
+        key = (self._proc_key, sample.id, sample.image_ref, sample.instruction,
+               sample.caption if with_answer else None)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            return hit
         if with_answer and self._affixes is None:
             self._affixes = answer_affixes(self.processor)
         try:
-            return encode(self.processor, sample.open_image(), sample.instruction,
-                          sample.caption if with_answer else None, affixes=self._affixes)
+            ex = encode(self.processor, sample.open_image(), sample.instruction,
+                        sample.caption if with_answer else None, affixes=self._affixes)
         except EncodingError as e:
             raise CaptionDataError(f"sample {sample.id!r}: {e}") from e
+        if self.cache is not None and sample.image_ref:   # in-memory images have no stable identity
+            self.cache.put(key, ex)
+        return ex
 
     def to_device(self, batch: dict) -> dict:
         out = {}

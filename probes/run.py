@@ -30,7 +30,7 @@ from training.families import CheckpointError
 from . import table
 from .captions import CaptionDataError, load_captions
 from .discover import DiscoveryError, RunDir, discover
-from .engine import MAX_NEW_TOKENS, Engine, probe_names
+from .engine import MAX_NEW_TOKENS, EncodeCache, Engine, probe_names
 from .loading import load_for_inference, load_processor_for
 from .tokensets import TOKEN_SETS, decoded_vocab, token_set, vocab_fingerprint
 
@@ -41,6 +41,7 @@ MODES = {"teacher-forced": ("teacher-forced",), "generate": ("generate",),
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m probes.run", description=__doc__.split("\n")[0],
+                                 epilog=__doc__.split("\n", 1)[1] + "\nDefinitions: docs/probes.md",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt-dir", required=True, help="a run directory (run.json) or a folder of checkpoints")
     ap.add_argument("--captions", help="LCS-558K-style JSON, JSONL, parquet or HF dataset folder "
@@ -51,8 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sample", choices=["first", "random"], default="first",
                     help="first N records (the study's choice) or N at random with --seed")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mode", choices=list(MODES), default="teacher-forced")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--mode", choices=list(MODES), default="teacher-forced",
+                    help="teacher-forced on the reference captions (default), greedy generation (the study's), or both")
+    ap.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (default 32)")
     ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="generation length limit")
     ap.add_argument("--token-sets", default="number",
                     help=f"comma-separated token sets to probe (known: {', '.join(sorted(TOKEN_SETS))})")
@@ -130,12 +132,13 @@ def caption_set(args, run: RunDir):
                            "(no \"captions\": {\"path\", \"images\"})")
 
 
-def probe_checkpoint(ck, processor, args, caps, modes, device, dtype, attn, set_ids, rank, world) -> dict:
+def probe_checkpoint(ck, processor, args, caps, modes, device, dtype, attn, set_ids, rank, world,
+                     cache=None) -> dict:
     """This rank's share of every needed mode: {mode: {sample index: values}}. Raises on failure."""
     model, processor = load_for_inference(ck.path, dtype=dtype, device=device, attn_implementation=attn,
                                           processor=processor)
     try:
-        eng = Engine(model, processor, set_ids=set_ids)
+        eng = Engine(model, processor, set_ids=set_ids, encode_cache=cache)
         out = {}
         for mode in modes:
             with_answer = mode == "teacher-forced"
@@ -220,6 +223,7 @@ def main(argv=None) -> int:
     status: dict[int, str] = {}
     ref = None                          # (path, fingerprint, vocabulary size) of the run's tokenizer
     set_cache: dict[str, dict] = {}
+    encode_cache = EncodeCache()        # the checkpoints share a processor: encode each caption once
     for ck, (need, clash) in tqdm(list(zip(run.checkpoints, plan)), desc="checkpoints", unit="ckpt",
                                   disable=rank != 0):
         if clash:
@@ -251,7 +255,7 @@ def main(argv=None) -> int:
                 vocab = decoded_vocab(processor.tokenizer)
                 set_cache[fp] = {s: token_set(processor.tokenizer, s, vocab) for s in args.token_sets}
             payload["values"] = probe_checkpoint(ck, processor, args, caps, need, device, dtype, attn,
-                                                 set_cache[fp], rank, world)
+                                                 set_cache[fp], rank, world, encode_cache)
         except Exception as e:  # any failure of one checkpoint: report it, keep going with the others
             payload["error"] = f"{type(e).__name__}: {e}"
             if not isinstance(e, (CheckpointError, CaptionDataError, ValueError)):

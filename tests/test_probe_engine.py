@@ -229,3 +229,29 @@ def test_gpu_fp32_matches_the_reference_and_bf16_runs(name, setup):
     low = bf16.teacher_forced(samples, batch_size=32)
     assert max(abs(low[i]["number_mass"] - r["number_mass"]) for i, r in enumerate(tf_ref)) < 0.05
     assert all(g.n_steps >= 1 for g in bf16.generate(samples, batch_size=32, max_new_tokens=8, stats=True))
+
+
+def test_encode_cache_is_shared_only_by_identical_processors(tiny_models, tmp_path):
+    from probes.engine import EncodeCache
+    from training.families.qwen2_5_vl import TINY_CORPUS, tiny_tokenizer
+
+    model, processor = tiny_models("qwen2_5_vl")
+    for i in range(3):
+        Image.new("RGB", (20 + 9 * i, 30), (50 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    samples = [Sample(f"s{i}", "Describe the image.", f"{i} red squares", str(tmp_path / f"{i}.png"), f"{i}.png")
+               for i in range(3)]
+    cache = EncodeCache()
+    first = Engine(model, processor, encode_cache=cache).teacher_forced(samples, 2)
+    assert len(cache.store) == 3 and cache.bytes > 0
+    calls = []
+    eng = Engine(model, processor, encode_cache=cache)
+    real = processor.__class__.__call__
+    try:
+        processor.__class__.__call__ = lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+        assert eng.teacher_forced(samples, 2) == first and not calls      # all from the cache
+    finally:
+        processor.__class__.__call__ = real
+    other_model, other = FAMILIES["qwen2_5_vl"].build_tiny(seed=0, tokenizer=tiny_tokenizer(TINY_CORPUS, 300))
+    Engine(other_model, other, encode_cache=cache).teacher_forced(samples, 2)
+    assert len(cache.store) == 6                                          # its own entries, none reused
+    assert len(EncodeCache(max_bytes=1).store) == 0
