@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", help="overrides the config's recipe (e.g. sa_proj, mlp_gate_up)")
     ap.add_argument("--out", help="run directory (default: the config's out, else runs/CONFIG-RECIPE)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=1e-4 tasks=[cub200]")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # key=value may come before or after the flags
     try:
         cfg = load_config(args.config, args.overrides)
         if args.recipe:
