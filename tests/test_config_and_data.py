@@ -54,6 +54,7 @@ def test_shipped_configs_load_with_the_right_types(name):
     (["train.lr=fast"], "train.lr must be float"),
     (["save=partial"], "save must be one of full, delta"),
     (["train.lr"], "not key=value"),
+    (["train.batch_size=0"], "train.batch_size must be at least 1"),
 ])
 def test_bad_overrides_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -1,6 +1,7 @@
 """The sequential loop: what changes between stages, that it learns, the loss it optimises, resume after a
 kill, and that the run directory is what probes and the design contract expect."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -157,6 +158,10 @@ def test_loss_falls_within_a_stage(tmp_path, tiny_checkpoints):
     assert end < 0.4 * start, (start, end)
     end_rec = [r for r in log if r.get("event") == "stage_end"]
     assert end_rec and end_rec[0]["steps"] == 20 and end_rec[0]["examples"] == 80
+    # linear warmup over ceil(10% of 20) = 2 steps, then cosine to zero; the vision tower at its own LR
+    want = [s / 2 if s < 2 else 0.5 * (1 + math.cos(math.pi * (s - 2) / 18)) for s in range(20)]
+    assert [r["lr"] for r in log if "loss" in r] == pytest.approx([5e-3 * w for w in want])
+    assert [r["vision_lr"] for r in log if "loss" in r] == pytest.approx([5e-4 * w for w in want])
 
 
 # -- resume after a kill, loading, deltas, the contract ------------------------------------------------

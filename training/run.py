@@ -168,9 +168,10 @@ def run(cfg: dict, config_name: str = "run") -> Path:
     """Run (or resume) the whole sequence; returns the run directory."""
     from .loop import full_state_dict, make_accelerator, train_stage
 
-    plan = Plan(cfg, config_name)
-    out = plan.out
     accelerator = make_accelerator(cfg["train"])
+    with accelerator.main_process_first():  # rank 0 builds the world / base model if needed, the others reuse it
+        plan = Plan(cfg, config_name)
+    out = plan.out
     main = accelerator.is_main_process
     done = plan.completed()
     if main:
