@@ -217,12 +217,12 @@ def run(cfg: dict, config_name: str = "run") -> Path:
                                        plan.family, state_dict=state)
             else:
                 checkpoints.save_full(unwrapped, processor, out / stage["path"], state_dict=state)
-            _write_json_atomic(out / RUN_JSON, plan.manifest(k + 1))
             losses = result.losses
             log.write({"stage": k, "task": task.name, "event": "stage_end", "steps": result.steps,
                        "examples": result.examples, "seconds": round(result.seconds, 3),
                        "step_seconds": round(result.step_seconds, 5), "first_loss": losses[0],
                        "last_loss": losses[-1]})
+            _write_json_atomic(out / RUN_JSON, plan.manifest(k + 1))  # last: now the stage counts as done
             print(f"[training.run] stage {k} {task.name}: {result.steps} steps in {result.seconds:.1f}s, "
                   f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; saved {out / stage['path']}", file=sys.stderr)
         accelerator.wait_for_everyone()
