@@ -96,6 +96,9 @@ def test_between_stages_exactly_the_recipe_changes(family, recipe, tmp_path, dat
     for a, b in zip(stages, stages[1:]):
         assert _changed(a, b) == expected, (a.name, b.name)
     assert _changed(Path(base), stages[0]) == set()  # stage 0 is the base
+    if recipe == "full":  # every family's stage folders are ordinary HF folders
+        assert type(AutoModelForImageTextToText.from_pretrained(stages[-1], local_files_only=True)) is type(model)
+        AutoProcessor.from_pretrained(stages[-1], local_files_only=True)
 
 
 # -- the loss it optimises ------------------------------------------------------------------------------
