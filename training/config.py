@@ -31,6 +31,7 @@ class Key:
     nullable: bool = False
     choices: tuple = ()
     doc: str = ""
+    min: float | None = None  # smallest allowed value of a number
 
 
 SCHEMA: dict[str, Key] = {
@@ -44,26 +45,26 @@ SCHEMA: dict[str, Key] = {
     "model.dtype": Key(str, "float32", choices=("float32", "bfloat16", "float16"),
                        doc="weights while training (float32 keeps full-precision master weights; bf16 autocast on GPU)"),
     "model.attn_implementation": Key(str, None, True, doc="e.g. sdpa, flash_attention_2 (GPU)"),
-    "data.root": Key(str, None, True, doc="'world', or a folder with world.json or tasks/NAME/train.json + images/"),
+    "data.root": Key(str, None, True, doc="'world' / 'world:SIZE', or a folder with world.json or tasks/NAME/train.json + images/"),
     "data.images": Key(str, None, True, doc="image root for every task (default: ROOT/images)"),
-    "data.max_examples": Key(int, None, True, doc="use at most the first N records of each task"),
-    "data.num_workers": Key(int, 0, doc="DataLoader worker processes"),
+    "data.max_examples": Key(int, None, True, min=1, doc="use at most the first N records of each task"),
+    "data.num_workers": Key(int, 0, min=0, doc="DataLoader worker processes"),
     "data.tasks": Key(dict, {}, doc="per-task files: NAME: {train: PATH, test: PATH, images: DIR}"),
-    "train.lr": Key(float, 1e-5, doc="learning rate of every trainable tensor outside the vision tower"),
-    "train.vision_lr": Key(float, None, True, doc="learning rate of the vision tower (default: train.lr)"),
-    "train.weight_decay": Key(float, 0.0),
+    "train.lr": Key(float, 1e-5, min=0, doc="learning rate of every trainable tensor outside the vision tower"),
+    "train.vision_lr": Key(float, None, True, min=0, doc="learning rate of the vision tower (default: train.lr)"),
+    "train.weight_decay": Key(float, 0.0, min=0),
     "train.adam_betas": Key(list, [0.9, 0.999]),
     "train.adam_eps": Key(float, 1e-8),
-    "train.epochs": Key(float, 1.0, doc="passes over each task's data (ignored when max_steps is set)"),
-    "train.max_steps": Key(int, None, True, doc="optimizer steps per stage; overrides epochs"),
-    "train.batch_size": Key(int, 8, doc="examples per micro-batch per process"),
-    "train.grad_accum": Key(int, 1, doc="micro-batches per optimizer step"),
+    "train.epochs": Key(float, 1.0, min=0, doc="passes over each task's data (ignored when max_steps is set)"),
+    "train.max_steps": Key(int, None, True, min=1, doc="optimizer steps per stage; overrides epochs"),
+    "train.batch_size": Key(int, 8, min=1, doc="examples per micro-batch per process"),
+    "train.grad_accum": Key(int, 1, min=1, doc="micro-batches per optimizer step"),
     "train.scheduler": Key(str, "cosine", choices=("cosine", "linear", "constant_with_warmup", "constant")),
-    "train.warmup_ratio": Key(float, 0.03, doc="fraction of the stage's optimizer steps spent warming up"),
-    "train.max_grad_norm": Key(float, 1.0, True, doc="gradient clipping; null disables"),
+    "train.warmup_ratio": Key(float, 0.03, min=0, doc="fraction of the stage's optimizer steps spent warming up"),
+    "train.max_grad_norm": Key(float, 1.0, True, min=0, doc="gradient clipping; null disables"),
     "train.bf16": Key(bool, True, doc="bf16 autocast; applies on GPU only"),
     "train.gradient_checkpointing": Key(bool, True, doc="applies on GPU only"),
-    "train.log_every": Key(int, 1, doc="write a train_log.jsonl line every N optimizer steps"),
+    "train.log_every": Key(int, 1, min=1, doc="write a train_log.jsonl line every N optimizer steps"),
     "train.progress": Key(bool, True, doc="tqdm progress bars"),
     "probe.captions": Key(str, None, True, doc="caption set (LLaVA JSON) for the probes; the world's for world runs"),
     "probe.images": Key(str, None, True, doc="image root of probe.captions"),
@@ -104,6 +105,8 @@ def _coerce(key: str, value, where: str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, t) or (t in (int, float) and isinstance(value, bool)):
         raise ConfigError(f"{where}: {key} must be {t.__name__}, got {value!r}")
+    if spec.min is not None and value < spec.min:
+        raise ConfigError(f"{where}: {key} must be at least {spec.min}, got {value!r}")
     if spec.choices and value not in spec.choices:
         raise ConfigError(f"{where}: {key} must be one of {', '.join(spec.choices)}, got {value!r}")
     if key == "data.tasks":

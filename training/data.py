@@ -9,7 +9,8 @@ Where a task's files are (first match wins):
 1. `data.tasks.NAME.train` / `.images` in the config (real data anywhere on disk);
 2. `data.root` with a `world.json` (the embedded world's layout: tasks.NAME.train, images, pretrain);
 3. the convention ROOT/tasks/NAME/train.json with images under `data.images` or ROOT/images.
-`data.root: world` means `training.world.ensure_world()` (built on first use).
+`data.root: world` means `training.world.ensure_world()` (built on first use); `world:SIZE` passes the
+world's size (`world:tiny` for tests).
 """
 from __future__ import annotations
 
@@ -58,9 +59,10 @@ def resolve_root(data_cfg: dict) -> DataRoot:
     root = data_cfg.get("root")
     if root is None:
         return DataRoot(None, None)
-    if root == "world":
+    if root == "world" or root.startswith("world:"):
         from .world import ensure_world  # imported lazily: building the world is heavy and optional
-        root = ensure_world()
+        size = root.partition(":")[2]
+        root = ensure_world(size=size) if size else ensure_world()
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.root {str(root)!r} is not a folder")

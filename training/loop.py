@@ -157,6 +157,7 @@ def train_stage(model: torch.nn.Module, dataset: Dataset, collate_fn: Callable, 
                 step_loss += out.loss.detach()
                 examples += int(batch["input_ids"].shape[0]) * accelerator.num_processes
             grad_norm = accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+            lrs = {g["name"]: pg["lr"] for g, pg in zip(applied.groups, optimizer.param_groups)}  # this step's
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -166,7 +167,8 @@ def train_stage(model: torch.nn.Module, dataset: Dataset, collate_fn: Callable, 
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if log is not None and (step % int(cfg.get("log_every", 1)) == 0 or step == total):
-                log({"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                log({"step": step, "epoch": epoch, "loss": loss, "lr": lrs.get("default"),
+                     "vision_lr": lrs.get("vision"),
                      "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens": n_tok,
                      "seconds": round(time.perf_counter() - t0, 5)})
             if step >= total:

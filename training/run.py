@@ -168,9 +168,10 @@ def run(cfg: dict, config_name: str = "run") -> Path:
     """Run (or resume) the whole sequence; returns the run directory."""
     from .loop import full_state_dict, make_accelerator, train_stage
 
-    plan = Plan(cfg, config_name)
-    out = plan.out
     accelerator = make_accelerator(cfg["train"])
+    with accelerator.main_process_first():  # rank 0 builds the world / base model if needed, the others reuse it
+        plan = Plan(cfg, config_name)
+    out = plan.out
     main = accelerator.is_main_process
     done = plan.completed()
     if main:
@@ -216,12 +217,12 @@ def run(cfg: dict, config_name: str = "run") -> Path:
                                        plan.family, state_dict=state)
             else:
                 checkpoints.save_full(unwrapped, processor, out / stage["path"], state_dict=state)
-            _write_json_atomic(out / RUN_JSON, plan.manifest(k + 1))
             losses = result.losses
             log.write({"stage": k, "task": task.name, "event": "stage_end", "steps": result.steps,
                        "examples": result.examples, "seconds": round(result.seconds, 3),
                        "step_seconds": round(result.step_seconds, 5), "first_loss": losses[0],
                        "last_loss": losses[-1]})
+            _write_json_atomic(out / RUN_JSON, plan.manifest(k + 1))  # last: now the stage counts as done
             print(f"[training.run] stage {k} {task.name}: {result.steps} steps in {result.seconds:.1f}s, "
                   f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; saved {out / stage['path']}", file=sys.stderr)
         accelerator.wait_for_everyone()
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", help="overrides the config's recipe (e.g. sa_proj, mlp_gate_up)")
     ap.add_argument("--out", help="run directory (default: the config's out, else runs/CONFIG-RECIPE)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=1e-4 tasks=[cub200]")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # key=value may come before or after the flags
     try:
         cfg = load_config(args.config, args.overrides)
         if args.recipe:
