@@ -12,17 +12,18 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoints import is_checkpoint, is_delta, load_model, load_processor, read_delta
+from training.checkpoints import (
+    TOKENIZER_FILES,
+    has_tokenizer,
+    is_checkpoint,
+    is_delta,
+    load_model,
+    load_processor,
+    read_delta,
+)
 from training.families import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
-# Files that hold a vocabulary; without one, AutoProcessor quietly builds an empty tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
-
-
-def has_tokenizer(folder: str | os.PathLike) -> bool:
-    p = Path(folder)
-    return any((p / f).is_file() for f in TOKENIZER_FILES) or any(p.glob("*.tiktoken"))
 
 
 def has_image_processor(folder: str | os.PathLike) -> bool:
