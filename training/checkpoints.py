@@ -30,6 +30,13 @@ from .families import CheckpointError, Family, check_checkpoint_folder, family_o
 DELTA_JSON = "delta.json"
 DELTA_WEIGHTS = "delta.safetensors"
 DELTA_FORMAT = "lmm-drift-delta"
+# Files that hold a vocabulary; without one, AutoProcessor quietly builds an empty tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    p = Path(folder)
+    return any((p / f).is_file() for f in TOKENIZER_FILES) or any(p.glob("*.tiktoken"))
 
 
 def is_delta(path: str | os.PathLike) -> bool:
@@ -68,19 +75,21 @@ def atomic_dir(path: str | os.PathLike) -> _AtomicDir:
     return _AtomicDir(path)
 
 
-def save_full(model: nn.Module, processor, path: str | os.PathLike) -> Path:
+def save_full(model: nn.Module, processor, path: str | os.PathLike, state_dict: dict | None = None) -> Path:
+    """`state_dict`: the full weights where the model's own are sharded (FSDP, ZeRO-3), gathered by the caller."""
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if processor is not None:
             processor.save_pretrained(tmp)
     return Path(path)
 
 
 def save_delta(model: nn.Module, processor, path: str | os.PathLike, base: str | os.PathLike,
-               names: Iterable[str], family: Family) -> Path:
-    """Save only `names` (parameter names) of `model`, naming `base` (a full checkpoint folder)."""
+               names: Iterable[str], family: Family, state_dict: dict | None = None) -> Path:
+    """Save only `names` (parameter names) of `model` (or of `state_dict`, the gathered full weights of a
+    sharded model), naming `base` (a full checkpoint folder). No names: a delta equal to its base."""
     path, base = Path(path), Path(base)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = state_dict if state_dict is not None else dict(model.named_parameters(remove_duplicate=False))
     missing = [n for n in names if n not in params]
     if missing:
         raise KeyError(f"save_delta: no parameter named {missing[0]!r}")
@@ -161,6 +170,9 @@ def load_processor(path: str | os.PathLike, trust_remote_code: bool = False):
     candidates = [path] + ([read_delta(path)[1]] if is_delta(path) else [])
     errors = []
     for c in candidates:
+        if not has_tokenizer(c):
+            errors.append(f"{c}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+            continue
         try:
             return AutoProcessor.from_pretrained(str(c), local_files_only=True, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, TypeError) as e:
@@ -168,5 +180,6 @@ def load_processor(path: str | os.PathLike, trust_remote_code: bool = False):
     raise CheckpointError(f"{path}: no usable processor/tokenizer ({'; '.join(errors)[:400]})")
 
 
-__all__ = ["DELTA_JSON", "DELTA_WEIGHTS", "atomic_dir", "check_checkpoint_folder", "family_of", "is_checkpoint",
-           "is_delta", "load_model", "load_processor", "read_delta", "save_delta", "save_full"]
+__all__ = ["DELTA_JSON", "DELTA_WEIGHTS", "TOKENIZER_FILES", "atomic_dir", "check_checkpoint_folder", "family_of",
+           "has_tokenizer", "is_checkpoint", "is_delta", "load_model", "load_processor", "read_delta", "save_delta",
+           "save_full"]

@@ -1,0 +1,161 @@
+"""Reading run directories: run.json, evals.parquet and probes.parquet, checked against the contracts
+in docs/design.md. Every problem is reported with the file it is in."""
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+
+RUN_KEYS = ("family", "recipe", "base", "tasks", "config", "stages")
+STAGE_KEYS = ("index", "name", "task", "path")
+EVAL_COLUMNS = ("run", "stage", "stage_name", "task", "recipe", "checkpoint", "benchmark", "split",
+                "metric", "score", "n")
+PROBE_COLUMNS = ("run", "stage", "stage_name", "task", "recipe", "checkpoint", "probe", "mode", "mean",
+                 "std", "ci_low", "ci_high", "n_samples", "n_positions", "dataset", "dataset_hash")
+SPLITS = ("target", "heldout")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def names_task(benchmark: str, task: str) -> bool:
+    """Whether a benchmark name refers to a trained task: equal, or one is the other plus a suffix
+    after "_", "-", "." or " " (task "textvqa", benchmark "textvqa_val")."""
+    if not task or not benchmark:
+        return False
+    return benchmark == task or any(a.startswith(b) and a[len(b)] in "_-. "
+                                    for a, b in ((benchmark, task), (task, benchmark)) if len(a) > len(b))
+
+
+class TableError(ValueError):
+    """A run directory's file is missing or does not follow the contract; the message names the file."""
+
+
+@dataclass
+class Run:
+    """One run directory's tables. `label` is its name in an analysis (unique among the runs loaded)."""
+    label: str
+    path: Path
+    manifest: dict
+    evals: pd.DataFrame
+    probes: pd.DataFrame | None
+
+    @property
+    def recipe(self) -> str:
+        return str(self.manifest["recipe"])
+
+    @property
+    def family(self) -> str:
+        return str(self.manifest["family"])
+
+    @cached_property
+    def stages(self) -> pd.DataFrame:
+        """index, name, task of every stage, in order (stage 0 is the base model)."""
+        return pd.DataFrame(self.manifest["stages"], columns=list(STAGE_KEYS)).set_index("index", drop=False)
+
+
+def read_manifest(run_dir: Path) -> dict:
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise TableError(f"{path}: no such file (is {run_dir} a run directory?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise TableError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in RUN_KEYS if k not in manifest]
+    if missing:
+        raise TableError(f"{path}: lacks keys {missing} (needs {list(RUN_KEYS)})")
+    stages = manifest["stages"]
+    for s in stages:
+        lacks = [k for k in STAGE_KEYS if k not in s]
+        if lacks:
+            raise TableError(f"{path}: stage {s} lacks keys {lacks}")
+    if [s["index"] for s in stages] != list(range(len(stages))):
+        raise TableError(f"{path}: stage indices are not 0..{len(stages) - 1} in order")
+    return manifest
+
+
+def read_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    """A parquet table with at least `columns`; a missing file or column is an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TableError(f"{path}: no such file")
+    try:
+        table = pd.read_parquet(path)
+    except Exception as e:  # pyarrow's errors do not name the file
+        raise TableError(f"{path}: not a readable parquet table ({e})") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise TableError(f"{path}: lacks columns {missing} (has {list(table.columns)})")
+    return table
+
+
+def _check_rows(table: pd.DataFrame, path: Path, key: list[str], n_stages: int) -> None:
+    dup = table[table.duplicated(key, keep=False)]
+    if len(dup):
+        raise TableError(f"{path}: {len(dup)} rows repeat the key {key}, e.g.\n{dup[key].head(4).to_string()}")
+    bad = sorted(set(table["stage"]) - set(range(n_stages)))
+    if bad:
+        raise TableError(f"{path}: stages {bad} are not in run.json (stages 0..{n_stages - 1})")
+
+
+def load_run(run_dir: str | Path, probes: bool = True, label: str | None = None) -> Run:
+    """Read one run directory. With `probes=False` a missing probes.parquet is allowed (metrics only)."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    n_stages = len(manifest["stages"])
+    evals_path = run_dir / "evals.parquet"
+    evals = read_table(evals_path, EVAL_COLUMNS)
+    evals["stage"] = evals["stage"].astype(int)
+    evals["score"] = pd.to_numeric(evals["score"], errors="raise").astype(float)
+    _check_rows(evals, evals_path, ["stage", "benchmark"], n_stages)
+    bad_split = sorted(set(evals["split"]) - set(SPLITS))
+    if bad_split:
+        raise TableError(f"{evals_path}: split values {bad_split}; allowed: {list(SPLITS)}")
+    mixed = evals.groupby("benchmark")["split"].nunique()
+    if (mixed > 1).any():
+        raise TableError(f"{evals_path}: benchmarks {list(mixed[mixed > 1].index)} are both target and heldout")
+    probe_table = None
+    probes_path = run_dir / "probes.parquet"
+    if probes or probes_path.exists():
+        probe_table = read_table(probes_path, PROBE_COLUMNS)
+        probe_table["stage"] = probe_table["stage"].astype(int)
+        _check_rows(probe_table, probes_path, ["stage", "probe", "mode"], n_stages)
+    return Run(label or run_dir.name, run_dir, manifest, evals, probe_table)
+
+
+def expand_run_dirs(paths) -> list[Path]:
+    """Run directories from paths: a folder with run.json is a run; a folder without one stands for its
+    sub-folders that have one (so `--run-dir runs/demo` means every run in it)."""
+    out = []
+    for p in map(Path, paths):
+        if (p / "run.json").is_file():
+            out.append(p)
+        elif p.is_dir() and (subs := sorted(q for q in p.iterdir() if (q / "run.json").is_file())):
+            out.extend(subs)
+        else:
+            raise TableError(f"{p / 'run.json'}: no such file, and {p} holds no run directories")
+    return out
+
+
+def find_runs(pattern: str) -> list[Path]:
+    """Run directories (folders with run.json) matching a glob; a relative pattern that matches nothing
+    here is also tried from the repository root, so notebooks work from notebooks/ too."""
+    hits = sorted(Path(p) for p in glob.glob(pattern) if (Path(p) / "run.json").is_file())
+    if not hits and not Path(pattern).is_absolute():
+        hits = sorted(Path(p) for p in glob.glob(str(REPO_ROOT / pattern)) if (Path(p) / "run.json").is_file())
+    return hits
+
+
+def load_runs(paths, probes: bool = True) -> list[Run]:
+    """Load several runs with unique labels (the folder name, or parent/name when names repeat)."""
+    dirs = expand_run_dirs([paths] if isinstance(paths, (str, Path)) else paths)
+    if not dirs:
+        raise TableError("no run directories given")
+    names = [d.name for d in dirs]
+    labels = [f"{d.parent.name}/{d.name}" if names.count(d.name) > 1 else d.name for d in dirs]
+    if len(set(labels)) < len(labels):
+        labels = [str(d) for d in dirs]
+    return [load_run(d, probes=probes, label=lab) for d, lab in zip(dirs, labels)]

@@ -1,0 +1,405 @@
+"""The batched probe engine: output-distribution statistics of one checkpoint over a set of samples.
+
+Two modes, both exact (no sampling, no approximation), both batched:
+
+- teacher-forced: the checkpoint's chat template with the reference caption as the assistant turn; the
+  base model runs to hidden states, only the positions that predict caption tokens are gathered, and the
+  output projection is applied to those rows in vocabulary chunks with an online log-sum-exp, so memory
+  is bounded by `chunk_elems` and never grows as sequence x vocabulary.
+- generation (the study's definition): greedy decoding with a KV cache from the prompt (image +
+  instruction), up to `max_new_tokens`; statistics at every step including the one that emits the stop
+  token; each sequence stops on its own (finished rows leave the batch).
+
+Per position (or step) with logits z over the whole output vocabulary V and a token set S:
+  {S}_mass     = sum_{i in S} softmax(z)_i = exp(logsumexp(z_S) - logsumexp(z))
+  {S}_max_prob = max_{i in S} softmax(z)_i
+  entropy      = -sum_i p_i log p_i (nats)
+Per sample: mass and entropy are averaged over the sample's positions (steps); max_prob is the maximum
+over them (the largest single token-set probability the sample shows). Across samples see `summarize`.
+
+    eng = Engine(model, processor, token_sets=("number",))
+    per_sample = eng.teacher_forced(samples, batch_size=32)     # {sample index: {probe: value, ...}}
+    gens = eng.generate(samples, batch_size=32, max_new_tokens=256, stats=True)
+    gens[0].text, gens[0].stats["number_mass"]
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from training.chat import EncodingError, answer_affixes, collate, encode
+from training.families import family_of_model
+
+from .captions import CaptionDataError, Sample
+from .tokensets import decoded_vocab, token_set
+
+DEFAULT_CHUNK_ELEMS = 1 << 24      # logits held at once (64 MiB in fp32)
+MAX_NEW_TOKENS = 256               # the study's generation length
+MASKS = ("answer_mask", "eot_mask")
+
+
+def probe_names(set_names: Iterable[str]) -> list[str]:
+    names = []
+    for s in set_names:
+        names += [f"{s}_mass", f"{s}_max_prob"]
+    return names + ["entropy"]
+
+
+# -- statistics over the vocabulary, in chunks -----------------------------------------------------
+@dataclass
+class VocabStats:
+    lse: torch.Tensor                      # (N,) logsumexp over the whole vocabulary, fp64
+    entropy: torch.Tensor                  # (N,) nats
+    set_lse: dict[str, torch.Tensor]       # (N,) logsumexp over each token set
+    set_max: dict[str, torch.Tensor]       # (N,) largest logit within each token set
+    argmax: torch.Tensor | None = None     # (N,) greedy token (first index among ties)
+
+    def probes(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for s in self.set_lse:
+            out[f"{s}_mass"] = torch.exp(self.set_lse[s] - self.lse)
+            out[f"{s}_max_prob"] = torch.exp(self.set_max[s] - self.lse)
+        out["entropy"] = self.entropy
+        return out
+
+
+def vocab_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                sets: dict[str, tuple[torch.Tensor, torch.Tensor | None]], *, want_argmax: bool = False,
+                chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> VocabStats:
+    """Statistics of softmax(hidden @ weight.T + bias) per row, never holding more than ~chunk_elems logits.
+
+    The projection runs in the weights' dtype (as the model's own lm_head would), exponentials in fp32,
+    and the per-row sums in fp64 (a few numbers per row, so rounding does not grow with the vocabulary). The entropy uses an online form: with m the running max, s = sum e^(z-m), t = sum e^(z-m)(z-m),
+    H = log s - t / s, rescaled whenever m grows.
+    """
+    N, V = hidden.shape[0], weight.shape[0]
+    out = {k: [hidden.new_zeros(0, dtype=torch.float64)] for k in ("lse", "entropy")}
+    out["argmax"] = [torch.zeros(0, dtype=torch.long, device=hidden.device)]
+    rows = max(1, min(N, math.isqrt(chunk_elems)))   # 4096 x 4096 blocks by default
+    cols = max(1, min(V, chunk_elems // rows))
+    for r0 in range(0, N, rows):
+        h = hidden[r0:r0 + rows]
+        m = s = t = best = best_i = None
+        for c0 in range(0, V, cols):
+            z = h @ weight[c0:c0 + cols].T
+            if bias is not None:
+                z = z + bias[c0:c0 + cols]
+            z = z.float()
+            cm, ci = z.max(dim=1)
+            if m is None:
+                m_new = cm
+                d = z - m_new[:, None]
+                e = torch.exp(d)
+                s, t = e.sum(1, dtype=torch.float64), (e * d).sum(1, dtype=torch.float64)
+                best, best_i = cm, ci
+            else:
+                m_new = torch.maximum(m, cm)
+                shift = (m - m_new).double()
+                alpha = torch.exp(shift)
+                d = z - m_new[:, None]
+                e = torch.exp(d)
+                t = alpha * (t + s * shift) + (e * d).sum(1, dtype=torch.float64)
+                s = alpha * s + e.sum(1, dtype=torch.float64)
+                better = cm > best                       # strict: an earlier chunk wins ties
+                best = torch.where(better, cm, best)
+                best_i = torch.where(better, ci + c0, best_i)
+            m = m_new
+        log_s = torch.log(s)
+        out["lse"].append(m.double() + log_s)
+        out["entropy"].append(log_s - t / s)
+        out["argmax"].append(best_i)
+    set_lse, set_max = {}, {}
+    for name, (w, b) in sets.items():
+        z = hidden @ w.T
+        if b is not None:
+            z = z + b
+        z = z.double()
+        set_lse[name] = torch.logsumexp(z, dim=1)
+        set_max[name] = z.max(dim=1).values
+    return VocabStats(torch.cat(out["lse"]), torch.cat(out["entropy"]), set_lse, set_max,
+                      torch.cat(out["argmax"]) if want_argmax else None)
+
+
+class SampleAccumulator:
+    """Per-sample reductions over positions (or steps), on the device: sums for means, maxima for max_prob."""
+
+    def __init__(self, names: Sequence[str], n: int, device):
+        self.n_pos = torch.zeros(n, dtype=torch.long, device=device)
+        self.sums = {k: torch.zeros(n, dtype=torch.float64, device=device) for k in names if not _is_max(k)}
+        self.maxs = {k: torch.full((n,), -math.inf, dtype=torch.float64, device=device) for k in names if _is_max(k)}
+
+    def add(self, seg: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        """values[k][r] belongs to sample seg[r]."""
+        self.n_pos.index_add_(0, seg, torch.ones_like(seg))
+        for k, acc in self.sums.items():
+            acc.index_add_(0, seg, values[k].double())
+        for k, acc in self.maxs.items():
+            acc.scatter_reduce_(0, seg, values[k].double(), reduce="amax")
+
+    def result(self) -> list[dict]:
+        n = self.n_pos.tolist()
+        cols = {k: (v / self.n_pos.clamp(min=1)).tolist() for k, v in self.sums.items()}
+        cols |= {k: v.tolist() for k, v in self.maxs.items()}
+        return [{k: c[j] for k, c in cols.items()} | {"n_positions": n[j]} for j in range(len(n))]
+
+
+def _is_max(name: str) -> bool:
+    return name.endswith("_max_prob")
+
+
+# -- the engine ------------------------------------------------------------------------------------
+@dataclass
+class Generation:
+    index: int                         # position of the sample in the list given to `generate`
+    token_ids: list[int]               # generated ids, the stop token included when one was emitted
+    text: str                          # decoded, special tokens removed
+    stopped: bool                      # emitted a stop token (else it ran to max_new_tokens)
+    stats: dict[str, float] = field(default_factory=dict)  # per-sample probe values (when stats=True)
+    n_steps: int = 0
+
+
+class EncodeCache:
+    """Encoded samples shared by the checkpoints of a run: they share one processor, so the image
+    preprocessing and tokenisation (most of the time on small models) are done once. Keyed by the
+    processor's identity and the sample's content; stops storing beyond `max_bytes` of tensors."""
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        self.max_bytes, self.bytes, self.store = max_bytes, 0, {}
+
+    def get(self, key):
+        return self.store.get(key)
+
+    def put(self, key, ex) -> None:
+        size = sum(t.nbytes for t in [ex.input_ids, *ex.image_inputs.values(), *ex.token_type_ids.values()]
+                   if torch.is_tensor(t))
+        if self.bytes + size <= self.max_bytes:
+            self.store[key] = ex
+            self.bytes += size
+
+
+def processor_key(processor) -> str:
+    """What makes two processors encode alike: vocabulary, chat template, image processor settings."""
+    import hashlib
+
+    from .tokensets import vocab_fingerprint
+
+    tok = processor.tokenizer
+    parts = [vocab_fingerprint(tok), str(getattr(processor, "chat_template", None) or tok.chat_template),
+             processor.image_processor.to_json_string() if hasattr(processor, "image_processor") else "",
+             type(processor).__name__]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+class Engine:
+    """One loaded checkpoint (model + its processor) ready to probe or generate in batches."""
+
+    def __init__(self, model: nn.Module, processor, *, token_sets: Sequence[str] = ("number",),
+                 set_ids: dict[str, list[int]] | None = None, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+                 encode_cache: EncodeCache | None = None):
+        self.model, self.processor = model.eval(), processor
+        self.cache = encode_cache
+        self._proc_key = processor_key(processor) if encode_cache is not None else None
+        self.tokenizer = processor.tokenizer
+        self.family = family_of_model(model)
+        self.base = model.base_model              # the multimodal model without its output projection
+        head = model.get_output_embeddings()
+        self.weight, self.bias = head.weight, getattr(head, "bias", None)
+        self.device, self.dtype = self.weight.device, self.weight.dtype
+        self.chunk_elems = chunk_elems
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if set_ids is None:
+            vocab = decoded_vocab(tok) if token_sets else []
+            set_ids = {n: token_set(tok, n, vocab) for n in token_sets}
+        self.set_ids = set_ids
+        self._sets = {}
+        for n, ids in set_ids.items():
+            idx = torch.tensor(ids, dtype=torch.long, device=self.device)
+            self._sets[n] = (self.weight[idx], None if self.bias is None else self.bias[idx])
+        self.probe_names = probe_names(set_ids)
+        self.stop_ids = stop_token_ids(model, processor)
+        self._affixes = None
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def encode(self, sample: Sample, with_answer: bool):
+        if with_answer and sample.caption is None:
+            raise CaptionDataError(f"sample {sample.id!r} has no caption to teacher-force")
+        key = (self._proc_key, sample.id, sample.image_ref, sample.instruction,
+               sample.caption if with_answer else None)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            return hit
+        if with_answer and self._affixes is None:
+            self._affixes = answer_affixes(self.processor)
+        try:
+            ex = encode(self.processor, sample.open_image(), sample.instruction,
+                        sample.caption if with_answer else None, affixes=self._affixes)
+        except EncodingError as e:
+            raise CaptionDataError(f"sample {sample.id!r}: {e}") from e
+        if self.cache is not None and sample.image_ref:   # in-memory images have no stable identity
+            self.cache.put(key, ex)
+        return ex
+
+    def to_device(self, batch: dict) -> dict:
+        out = {}
+        for k, v in batch.items():
+            if torch.is_tensor(v):
+                v = v.to(self.device, dtype=self.dtype if v.is_floating_point() else None, non_blocking=True)
+            out[k] = v
+        return out
+
+    def stats(self, hidden: torch.Tensor, want_argmax: bool = False) -> VocabStats:
+        return vocab_stats(hidden, self.weight, self.bias, self._sets, want_argmax=want_argmax,
+                           chunk_elems=self.chunk_elems)
+
+    def plan(self, samples: Sequence[Sample], batch_size: int, with_answer: bool) -> list[list[int]]:
+        """Batches of sample indices, longest first, so that padding is small (see `estimate_lengths`)."""
+        lengths = estimate_lengths(self.processor, samples, with_answer)
+        order = sorted(range(len(samples)), key=lambda i: (-lengths[i], i))
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+    # -- teacher-forced ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def teacher_forced(self, samples: Sequence[Sample], batch_size: int = 32, padding_side: str = "right",
+                       batches: list[list[int]] | None = None, progress: bool = False) -> dict[int, dict]:
+        """{sample index: {probe: value, "n_positions": int}} for the given samples (or planned batches)."""
+        batches = batches if batches is not None else self.plan(samples, batch_size, True)
+        out: dict[int, dict] = {}
+        for idx in tqdm(batches, desc="teacher-forced", unit="batch", disable=not progress, leave=False):
+            exs = [self.encode(samples[i], True) for i in idx]
+            batch = collate(exs, self.family, self.pad_id, padding_side)
+            answer = batch.pop("answer_mask").to(self.device)
+            batch.pop("eot_mask")
+            hidden = self.base(**self.to_device(batch), use_cache=False).last_hidden_state
+            predicts = torch.zeros_like(answer)
+            predicts[:, :-1] = answer[:, 1:]       # position t predicts token t+1
+            probes = self.stats(hidden[predicts]).probes()   # rows in (sample, position) order
+            seg = predicts.nonzero()[:, 0]
+            acc = SampleAccumulator(self.probe_names, len(idx), self.device)
+            acc.add(seg, probes)
+            for i, r in zip(idx, acc.result()):
+                out[i] = r
+        return out
+
+    # -- generation --------------------------------------------------------------------------------
+    def _positions(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill position ids and each row's next position. Qwen2-VL-style models use 3-D (mrope)
+        positions from their own `get_rope_index`; the others count real tokens, so left or right
+        padding gives every row the positions it would have alone."""
+        mask = batch["attention_mask"]
+        if hasattr(self.base, "get_rope_index") and batch.get("image_grid_thw") is not None:
+            pos, _ = self.base.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                              image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
+            nxt = pos.masked_fill(mask[None] == 0, -1).amax(dim=(0, 2)) + 1
+            return pos, nxt
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return pos, mask.long().sum(-1)
+
+    @torch.inference_mode()
+    def generate(self, samples: Sequence[Sample], batch_size: int = 32, max_new_tokens: int = MAX_NEW_TOKENS,
+                 stats: bool = False, padding_side: str = "left", batches: list[list[int]] | None = None,
+                 progress: bool = False) -> list[Generation]:
+        """Greedy decoding with a KV cache for each sample's prompt (image + instruction), batched.
+
+        Returns one Generation per sample, in the order of `samples` (or of the planned batches' indices).
+        With stats=True each carries the per-sample probe values over its steps (EOS step included).
+        """
+        from transformers import DynamicCache
+
+        batches = batches if batches is not None else self.plan(samples, batch_size, False)
+        stop = torch.tensor(sorted(self.stop_ids), device=self.device)
+        results: dict[int, Generation] = {}
+        for idx in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
+            exs = [self.encode(samples[i], False) for i in idx]
+            batch = collate(exs, self.family, self.pad_id, padding_side)
+            for k in MASKS:
+                batch.pop(k)
+            batch = self.to_device(batch)
+            pos, nxt = self._positions(batch)
+            mask = batch["attention_mask"]
+            B, T = mask.shape
+            cache = DynamicCache(config=self.model.config.get_text_config())
+            hidden = self.base(**batch, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+            last = torch.full((B,), T - 1, device=self.device) if padding_side == "left" else \
+                mask.long().sum(-1) - 1
+            h = hidden[torch.arange(B, device=self.device), last]
+            rows = torch.arange(B, device=self.device)   # active batch rows (finished rows leave)
+            out_ids = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=self.device)
+            acc = SampleAccumulator(self.probe_names, B, self.device) if stats else None
+            for step in range(max_new_tokens):
+                vs = self.stats(h, want_argmax=True)
+                tok = vs.argmax
+                out_ids[rows, step] = tok
+                if stats:
+                    acc.add(rows, vs.probes())
+                ended = torch.isin(tok, stop)
+                if step == max_new_tokens - 1:
+                    break
+                if bool(ended.any()):                  # one host sync per step, as any decoder needs
+                    keep = (~ended).nonzero()[:, 0]
+                    if keep.numel() == 0:
+                        break
+                    cache.batch_select_indices(keep)
+                    mask, nxt, tok, rows = mask[keep], nxt[keep], tok[keep], rows[keep]
+                mask = torch.cat([mask, mask.new_ones(rows.numel(), 1)], dim=1)
+                step_pos = (nxt + step)[:, None]
+                if pos.dim() == 3:
+                    step_pos = step_pos[None].expand(3, -1, -1)
+                h = self.base(input_ids=tok[:, None], attention_mask=mask, position_ids=step_pos,
+                              past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            per_sample = acc.result() if stats else [{}] * B
+            stop_set = self.stop_ids
+            for j, (i, ids) in enumerate(zip(idx, out_ids.tolist())):
+                ids = [t for t in ids if t >= 0]
+                g = Generation(i, ids, self.tokenizer.decode(ids, skip_special_tokens=True),
+                               bool(ids) and ids[-1] in stop_set, n_steps=len(ids))
+                if stats:
+                    g.stats = {k: v for k, v in per_sample[j].items() if k != "n_positions"}
+                results[i] = g
+        return [results[i] for i in sorted(results)]
+
+
+def stop_token_ids(model: nn.Module, processor) -> set[int]:
+    """Tokens that end a generated answer: the generation config's and tokenizer's EOS, and the first token
+    of the chat template's end of turn when it is a special token (e.g. <|im_end|>)."""
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    tok = processor.tokenizer
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    try:
+        tail = answer_affixes(processor)[1]
+        first = tok(tail, add_special_tokens=False)["input_ids"][:1]
+        if first and first[0] in set(tok.all_special_ids):
+            ids.add(first[0])
+    except Exception:  # a template without an assistant turn: EOS alone
+        pass
+    if not ids:
+        raise ValueError("no stop token: neither the generation config nor the tokenizer names an EOS token")
+    return ids
+
+
+def estimate_lengths(processor, samples: Sequence[Sample], with_answer: bool) -> list[int]:
+    """Token counts for sorting: text tokens plus image tokens from the image header (the processor's
+    own count where it has one), without decoding any image."""
+    tok = processor.tokenizer
+    texts = [s.instruction + (" " + (s.caption or "") if with_answer else "") for s in samples]
+    text_len = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    sizes = [s.image_size() for s in samples]
+    image_len = [0] * len(samples)
+    with_image = [i for i, sz in enumerate(sizes) if sz]
+    counter = getattr(processor, "_get_num_multimodal_tokens", None)
+    if with_image and counter is not None:
+        try:
+            counts = counter(image_sizes=[sizes[i] for i in with_image]).num_image_tokens
+            for i, c in zip(with_image, counts):
+                image_len[i] = int(c)
+        except Exception:  # a processor without a usable count: sort by text, then image area
+            for i in with_image:
+                image_len[i] = int(math.sqrt(sizes[i][0] * sizes[i][1]))
+    return [a + b for a, b in zip(text_len, image_len)]

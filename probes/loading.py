@@ -1,0 +1,114 @@
+"""Load any checkpoint a run can hold, for inference: a full HF folder, a delta over its base, or a PEFT adapter.
+
+A PEFT adapter folder (adapter_config.json + adapter_model.safetensors, as Trainer or peft saves it) names its
+base in `base_model_name_or_path`; a relative name is looked up next to the adapter first, then from the
+working directory. The adapter is merged into the base once, so probing it costs what a full model costs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from training.checkpoints import (
+    TOKENIZER_FILES,
+    has_tokenizer,
+    is_checkpoint,
+    is_delta,
+    load_model,
+    load_processor,
+    read_delta,
+)
+from training.families import CheckpointError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def has_image_processor(folder: str | os.PathLike) -> bool:
+    """preprocessor_config.json (older layout) or processor_config.json with an image_processor entry."""
+    p = Path(folder)
+    if (p / "preprocessor_config.json").is_file():
+        return True
+    try:
+        return "image_processor" in json.loads((p / "processor_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def is_adapter(path: str | os.PathLike) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def is_loadable(path: str | os.PathLike) -> bool:
+    """A folder we can probe: full, delta or adapter."""
+    return is_checkpoint(path) or is_adapter(path)
+
+
+def adapter_base(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    try:
+        name = json.loads((p / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{p / ADAPTER_CONFIG}: cannot read base_model_name_or_path ({e})") from e
+    if not name:
+        raise CheckpointError(f"{p / ADAPTER_CONFIG}: base_model_name_or_path is empty")
+    for cand in ([Path(name)] if Path(name).is_absolute() else [p / name, p.parent / name, Path(name)]):
+        if is_checkpoint(cand):
+            return Path(os.path.normpath(cand))
+    raise CheckpointError(f"{p}: its base model {name!r} (adapter_config.json) is not a local checkpoint folder; "
+                          "copy the base next to the adapter or write its local path into adapter_config.json")
+
+
+def load_for_inference(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | None = None,
+                       attn_implementation: str | None = None, processor=None):
+    """(model in eval mode, processor). Errors are CheckpointError naming the folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint folder does not exist")
+    if is_adapter(path):
+        base = adapter_base(path)
+        if processor is None:
+            processor = load_processor_for(path)
+        model = load_model(base, dtype=dtype, attn_implementation=attn_implementation)
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(path), is_trainable=False).merge_and_unload()
+        except Exception as e:  # peft raises ValueError/KeyError/RuntimeError for mismatched adapters
+            raise CheckpointError(f"{path}: cannot apply the adapter to its base {base} ({e})") from e
+        if device is not None:
+            model.to(device)
+        return model.eval(), processor
+    if not is_checkpoint(path):
+        raise CheckpointError(f"{path}: not a checkpoint (no config.json with weights, delta.json or "
+                              f"{ADAPTER_CONFIG})")
+    if processor is None:
+        processor = load_processor_for(path)
+    model = load_model(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    return model, processor
+
+
+def load_processor_for(path: str | os.PathLike):
+    """The checkpoint's processor (tokenizer + image processor + chat template); an adapter without one uses
+    its base's. Raises CheckpointError naming the folder when there is none."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint folder does not exist")
+    bases = [read_delta(path)[1]] if is_delta(path) else [adapter_base(path)] if is_adapter(path) else []
+    source = next((c for c in [path, *bases] if has_tokenizer(c)), None)
+    if source is None:
+        where = f"{path}" + (f" nor its base {bases[0]}" if bases else "")
+        raise CheckpointError(f"{path}: no tokenizer: no {', '.join(TOKENIZER_FILES)} or *.tiktoken in {where}; "
+                              "save the processor (tokenizer included) with the checkpoint")
+    if not any(has_image_processor(c) for c in [source, *bases]):
+        raise CheckpointError(f"{path}: no image processor (no preprocessor_config.json, and no processor_config.json "
+                              "with an image_processor entry); save the processor with the checkpoint")
+    proc = load_processor(source)
+    if not hasattr(proc, "tokenizer") or not hasattr(proc, "image_processor"):
+        raise CheckpointError(f"{path}: has a tokenizer but no multimodal processor (no image processor / "
+                              "preprocessor_config.json); save the processor with the checkpoint")
+    if not getattr(proc, "chat_template", None) and not getattr(proc.tokenizer, "chat_template", None):
+        raise CheckpointError(f"{path}: its processor has no chat template; probes use the checkpoint's own")
+    return proc

@@ -1,0 +1,236 @@
+"""Task data in LLaVA conversation JSON, resolved per task and turned into training batches.
+
+A record: {"id", "image": path relative to an images root, "conversations": [{"from": "human", "value":
+"<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}. The `<image>` placeholder is removed from the
+text and the image goes to `training.chat.encode`, which renders the checkpoint's own chat template.
+A multi-turn record gives one example per (human, gpt) pair, each with the record's image.
+
+Where a task's files are (first match wins):
+1. `data.tasks.NAME.train` / `.images` in the config (real data anywhere on disk);
+2. `data.root` with a `world.json` (the embedded world's layout: tasks.NAME.train, images, pretrain);
+3. the convention ROOT/tasks/NAME/train.json with images under `data.images` or ROOT/images.
+`data.root: world` means `training.world.ensure_world()` (built on first use); `world:SIZE` passes the
+world's size (`world:tiny` for tests).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .chat import answer_affixes, collate, encode
+
+IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """Missing or malformed task data; the message names the task, file or record."""
+
+
+@dataclass(frozen=True)
+class TaskFiles:
+    name: str
+    train: Path
+    images: Path | None
+    test: Path | None = None
+
+
+@dataclass(frozen=True)
+class DataRoot:
+    root: Path | None            # the data folder (the world's, for world runs)
+    world: dict | None           # its world.json, when it has one
+
+    def path(self, rel: str | None) -> Path | None:
+        """A path from world.json: relative to the root."""
+        if rel is None:
+            return None
+        p = Path(rel)
+        return p if p.is_absolute() else self.root / p
+
+
+def resolve_root(data_cfg: dict) -> DataRoot:
+    root = data_cfg.get("root")
+    if root is None:
+        return DataRoot(None, None)
+    if root == "world" or root.startswith("world:"):
+        from .world import ensure_world  # imported lazily: building the world is heavy and optional
+        size = root.partition(":")[2]
+        root = ensure_world(size=size) if size else ensure_world()
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.root {str(root)!r} is not a folder")
+    meta = root / "world.json"
+    world = None
+    if meta.is_file():
+        try:
+            world = json.loads(meta.read_text())
+        except ValueError as e:
+            raise DataError(f"{meta}: not valid JSON ({e})") from None
+    return DataRoot(root.resolve(), world)
+
+
+def available_tasks(dr: DataRoot) -> list[str]:
+    if dr.world is not None:
+        return list(dr.world.get("tasks", {})) + (["pretrain"] if dr.world.get("pretrain") else [])
+    if dr.root is not None and (dr.root / "tasks").is_dir():
+        return sorted(p.name for p in (dr.root / "tasks").iterdir() if (p / "train.json").is_file())
+    return []
+
+
+def resolve_task(name: str, data_cfg: dict, dr: DataRoot) -> TaskFiles:
+    """Where task `name`'s training file and images are; errors name the task and what was looked for."""
+    over = (data_cfg.get("tasks") or {}).get(name) or {}
+    train = test = images = None
+    if dr.world is not None:
+        entry = dr.world.get("tasks", {}).get(name)
+        if entry is not None:
+            train, test = dr.path(entry.get("train")), dr.path(entry.get("test"))
+        elif name == "pretrain" and dr.world.get("pretrain"):
+            train = dr.path(dr.world["pretrain"])
+        images = dr.path(dr.world.get("images"))
+    elif dr.root is not None:
+        cand = dr.root / "tasks" / name / "train.json"
+        if cand.is_file():
+            train = cand
+            test = dr.root / "tasks" / name / "test.json"
+        images = dr.root / "images"
+    if over.get("train"):
+        train = Path(over["train"])
+    if over.get("test"):
+        test = Path(over["test"])
+    if train is None:
+        known = available_tasks(dr)
+        where = (f"data.root {dr.root} has {', '.join(known) or 'no tasks'}" if dr.root is not None
+                 else "no data.root is set")
+        raise DataError(f"unknown task {name!r}: {where}, and the config has no data.tasks.{name}.train")
+    if not train.is_file():
+        raise DataError(f"task {name!r}: training data file {train} does not exist")
+    images = Path(over["images"]) if over.get("images") else (
+        Path(data_cfg["images"]) if data_cfg.get("images") else images)
+    if images is None:
+        images = train.parent  # a lone JSON file: image paths relative to its folder
+    return TaskFiles(name, train.resolve(), images.resolve(), test.resolve() if test is not None else None)
+
+
+# -- records -------------------------------------------------------------------------------------------
+def load_records(path: str | os.PathLike, max_examples: int | None = None) -> list[dict]:
+    """A LLaVA JSON list (or JSON lines), checked record by record."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of LLaVA records")
+    if max_examples is not None:
+        records = records[:max_examples]
+    for i, r in enumerate(records):
+        record_turns(r, f"{path} record {i}")
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def record_turns(record: dict, where: str = "record") -> list[tuple[str, str]]:
+    """[(instruction, answer), ...] with the image placeholder removed from the instructions."""
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        raise DataError(f"{where}: not a LLaVA record (needs a 'conversations' list)")
+    conv = record["conversations"]
+    if len(conv) < 2 or len(conv) % 2:
+        raise DataError(f"{where} (id {record.get('id')!r}): conversations must be (human, gpt) pairs")
+    turns = []
+    for j in range(0, len(conv), 2):
+        h, g = conv[j], conv[j + 1]
+        if not (isinstance(h, dict) and isinstance(g, dict) and h.get("from") == "human" and g.get("from") == "gpt"
+                and isinstance(h.get("value"), str) and isinstance(g.get("value"), str)):
+            raise DataError(f"{where} (id {record.get('id')!r}): turn {j // 2} is not a human then a gpt message "
+                            "with string values")
+        turns.append((IMAGE_PLACEHOLDER.sub(" ", h["value"]).strip(), g["value"].strip()))
+    return turns
+
+
+def open_image(images: Path | None, rel: str, where: str) -> Image.Image:
+    p = Path(rel)
+    p = p if p.is_absolute() or images is None else images / p
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{where}: cannot open image {p} ({e})") from None
+
+
+class ConversationDataset(Dataset):
+    """One item per (record, turn); encodes lazily, so large files cost only their JSON in memory."""
+
+    def __init__(self, records: list[dict], processor, images: Path | None, source: str = "data"):
+        self.records, self.processor, self.images, self.source = records, processor, images, source
+        self.index = [(i, t) for i, r in enumerate(records) for t in range(len(r["conversations"]) // 2)]
+        self.affixes = answer_affixes(processor)
+
+    @classmethod
+    def from_task(cls, task: TaskFiles, processor, max_examples: int | None = None) -> ConversationDataset:
+        return cls(load_records(task.train, max_examples), processor, task.images, str(task.train))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int):
+        i, t = self.index[k]
+        r = self.records[i]
+        where = f"{self.source} record {i} (id {r.get('id')!r})"
+        instruction, answer = record_turns(r, where)[t]
+        image = open_image(self.images, r["image"], where) if r.get("image") else None
+        return encode(self.processor, image, instruction, answer, affixes=self.affixes)
+
+
+class Collator:
+    """chat.collate, then labels = the answer and end-of-turn tokens, -100 elsewhere (a picklable callable)."""
+
+    def __init__(self, family, pad_id: int):
+        self.family, self.pad_id = family, pad_id
+
+    def __call__(self, examples) -> dict:
+        batch = collate(examples, self.family, self.pad_id, padding_side="right")
+        keep = batch.pop("answer_mask") | batch.pop("eot_mask")
+        batch["labels"] = torch.where(keep, batch["input_ids"], torch.full_like(batch["input_ids"], IGNORE_INDEX))
+        return batch
+
+
+# -- what probes and evaluation need from a run ----------------------------------------------------------
+def caption_set(dr: DataRoot, probe_cfg: dict) -> dict | None:
+    """{"path", "images"} of the caption set: the world's, else the config's probe.captions / probe.images."""
+    if probe_cfg.get("captions"):
+        images = probe_cfg.get("images")
+        return {"path": str(Path(probe_cfg["captions"]).resolve()),
+                "images": str(Path(images).resolve()) if images else None}
+    if dr.world is not None and dr.world.get("captions"):
+        return {"path": str(dr.path(dr.world["captions"])), "images": str(dr.path(dr.world.get("images")))}
+    return None
+
+
+def benchmark_names(dr: DataRoot, eval_cfg: dict) -> list[str]:
+    """The config's eval.benchmarks, else the world's targets then held-out sets (each in world order)."""
+    if eval_cfg.get("benchmarks") is not None:
+        return list(eval_cfg["benchmarks"])
+    if dr.world is None:
+        return []
+    tasks = dr.world.get("tasks", {})
+
+    def of_kind(kind):  # world order, or each task's "order" where given
+        names = [n for n, t in tasks.items() if t.get("kind") == kind]
+        return sorted(names, key=lambda n: (tasks[n].get("order") is None, tasks[n].get("order") or 0))
+    return of_kind("target") + of_kind("heldout")

@@ -1,0 +1,258 @@
+"""The sequential loop: teach a base model a list of tasks one after another with one recipe.
+
+    python -m training.run --config PATH [--recipe NAME] [--out DIR] [key=value ...]
+    accelerate launch --config_file training/configs/accelerate/fsdp.yaml -m training.run --config ...
+
+Writes RUN/run.json and one checkpoint per stage, stage 0 being the base (docs/design.md):
+
+    RUN/run.json            {"family", "recipe", "base", "tasks", "config", "stages": [...],
+                             "captions": {"path", "images"} | null, "benchmarks": [names]}
+    RUN/stage-00-base/      the base (save: full), or a delta with no tensors naming it (save: delta)
+    RUN/stage-01-TASK/ ...  stage k = stage k-1 fine-tuned on tasks[k-1]; each stage starts from the
+                            previous stage's saved checkpoint
+    RUN/train_log.jsonl     one line per optimizer step (stage, task, step, loss, lr, ...) and per stage end
+
+Resume: rerun the same command. Stages listed in run.json are complete (folders are renamed into place
+only when fully written, run.json is rewritten atomically after each stage); the run continues after the
+last of them and gives the same weights as an uninterrupted run, because a stage's data order and RNG
+depend only on (seed, stage index). A run directory made with a different config is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import checkpoints
+from .config import ConfigError, apply, describe, load_config, resolve_path
+from .data import (
+    Collator,
+    ConversationDataset,
+    DataError,
+    benchmark_names,
+    caption_set,
+    load_records,
+    resolve_root,
+    resolve_task,
+)
+from .families import CheckpointError
+from .recipes import RecipeError, resolve_spec
+
+RUN_JSON = "run.json"
+TRAIN_LOG = "train_log.jsonl"
+# Keys that do not change the weights a run produces: a resumed run may change them.
+COSMETIC = ("out", "train.progress", "train.log_every", "data.num_workers")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RunError(ValueError):
+    """A run that cannot start or continue; the message names the input."""
+
+
+def resolve_base(base: str | None) -> Path:
+    """A checkpoint folder, or `world:FAMILY:SIZE` (the embedded world's base model, built on first use)."""
+    if not base:
+        raise RunError("no base model: set base (a checkpoint folder, or world:FAMILY:SIZE)")
+    if base.startswith("world:"):
+        parts = base.split(":")
+        if len(parts) != 3:
+            raise RunError(f"base {base!r}: expected world:FAMILY:SIZE, e.g. world:qwen2_5_vl:toy")
+        from .world import base_checkpoint  # lazy: the world is heavy and optional
+        return Path(base_checkpoint(parts[1], parts[2]))
+    path = Path(base)
+    if not checkpoints.is_checkpoint(path):
+        raise RunError(f"base {base!r} is not a checkpoint folder (no config.json with *.safetensors, nor a delta)")
+    return path.resolve()
+
+
+def stage_dirname(index: int, name: str) -> str:
+    return f"stage-{index:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "tasks":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Plan:
+    """Everything a run needs, resolved and checked before any training starts."""
+
+    def __init__(self, cfg: dict, config_name: str):
+        self.cfg = cfg
+        if not cfg["tasks"]:
+            raise RunError("no tasks: set tasks (a list of task names)")
+        resolve_spec(cfg["recipe"])  # an unknown recipe fails now, not after stage 0
+        self.base = resolve_base(cfg["base"])
+        self.family = checkpoints.family_of(self.base)
+        if cfg["family"] and cfg["family"] != self.family.name:
+            raise RunError(f"config family {cfg['family']!r} but base {self.base} is a {self.family.name} checkpoint")
+        if cfg["save"] == "delta" and checkpoints.is_delta(self.base):
+            raise RunError(f"save: delta needs a full base checkpoint; base {self.base} is itself a delta")
+        self.root = resolve_root(cfg["data"])
+        self.tasks = [resolve_task(t, cfg["data"], self.root) for t in cfg["tasks"]]
+        for t in self.tasks:  # malformed data fails now, with the file and record named
+            load_records(t.train, cfg["data"]["max_examples"])
+        self.out = Path(cfg["out"] or Path("runs") / f"{config_name}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', cfg['recipe'])}")
+        self.stages = [{"index": 0, "name": "base", "task": None, "path": stage_dirname(0, "base")}] + [
+            {"index": i, "name": t, "task": t, "path": stage_dirname(i, t)} for i, t in enumerate(cfg["tasks"], 1)]
+
+    def manifest(self, done: int) -> dict:
+        return {"family": self.family.name, "recipe": self.cfg["recipe"], "base": str(self.base),
+                "tasks": list(self.cfg["tasks"]), "config": self.cfg, "stages": self.stages[:done],
+                "captions": caption_set(self.root, self.cfg["probe"]),
+                "benchmarks": benchmark_names(self.root, self.cfg["eval"])}
+
+    def completed(self) -> int:
+        """How many stages (from 0) an existing run directory already holds; refuses a different run."""
+        path = self.out / RUN_JSON
+        if not path.is_file():
+            return 0
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as e:
+            raise RunError(f"{path}: unreadable ({e}); remove the run directory or use another --out") from None
+        new = self.manifest(0)
+        diffs = [k for k in ("family", "recipe", "base", "tasks") if old.get(k) != new[k]]
+        a, b = _flat(old.get("config", {})), _flat(self.cfg)
+        diffs += [f"config {k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                  if k not in COSMETIC and a.get(k) != b.get(k)]
+        if diffs:
+            raise RunError(f"{self.out} holds a run with a different setup ({'; '.join(diffs)[:500]}); "
+                           "use another --out, or remove that directory to start over")
+        done = 0
+        for have, want in zip(old.get("stages", []), self.stages):
+            if have != want or not checkpoints.is_checkpoint(self.out / want["path"]):
+                break
+            done += 1
+        return done
+
+
+class TrainLog:
+    """RUN/train_log.jsonl; restarting stage k drops whatever an interrupted stage k had written."""
+
+    def __init__(self, path: Path, keep_before: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("stage", 0) < keep_before]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def run(cfg: dict, config_name: str = "run") -> Path:
+    """Run (or resume) the whole sequence; returns the run directory."""
+    from .loop import full_state_dict, make_accelerator, train_stage
+
+    accelerator = make_accelerator(cfg["train"])
+    with accelerator.main_process_first():  # rank 0 builds the world / base model if needed, the others reuse it
+        plan = Plan(cfg, config_name)
+    out = plan.out
+    main = accelerator.is_main_process
+    done = plan.completed()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".stage-*.tmp-*"):  # left by a process killed while writing a stage
+            shutil.rmtree(stale, ignore_errors=True)
+    if done:
+        print(f"[training.run] {out}: resuming after stage {done - 1} ({plan.stages[done - 1]['path']})",
+              file=sys.stderr)
+    dtype = DTYPES[cfg["model"]["dtype"]]
+    load_kw = dict(dtype=dtype, attn_implementation=cfg["model"]["attn_implementation"])
+    processor = checkpoints.load_processor(plan.base)
+    pad_id = processor.tokenizer.pad_token_id
+    if pad_id is None:
+        raise RunError(f"{plan.base}: the tokenizer has no pad token")
+
+    if done == 0:
+        stage0 = out / plan.stages[0]["path"]
+        if main:
+            if cfg["save"] == "delta":
+                checkpoints.save_delta(torch.nn.Module(), processor, stage0, plan.base, [], plan.family)
+            else:
+                checkpoints.save_full(checkpoints.load_model(plan.base, **load_kw), processor, stage0)
+            _write_json_atomic(out / RUN_JSON, plan.manifest(1))
+        accelerator.wait_for_everyone()
+        done = 1
+
+    for stage in plan.stages[done:]:
+        k, task = stage["index"], plan.tasks[stage["index"] - 1]
+        log = TrainLog(out / TRAIN_LOG, keep_before=k, enabled=main)
+        model = checkpoints.load_model(out / plan.stages[k - 1]["path"], **load_kw)
+        dataset = ConversationDataset.from_task(task, processor, cfg["data"]["max_examples"])
+        result = train_stage(model, dataset, Collator(plan.family, pad_id), cfg["train"], recipe=cfg["recipe"],
+                             seed=cfg["seed"], stage=k, accelerator=accelerator,
+                             num_workers=cfg["data"]["num_workers"],
+                             log=lambda r, k=k, t=task.name, w=log.write: w({"stage": k, "task": t, **r}),
+                             desc=f"stage {k}/{len(plan.tasks)} {task.name}")
+        state = full_state_dict(accelerator, result.model)
+        if main:
+            unwrapped = accelerator.unwrap_model(result.model)
+            if cfg["save"] == "delta":
+                checkpoints.save_delta(unwrapped, processor, out / stage["path"], plan.base, result.trainable,
+                                       plan.family, state_dict=state)
+            else:
+                checkpoints.save_full(unwrapped, processor, out / stage["path"], state_dict=state)
+            losses = result.losses
+            log.write({"stage": k, "task": task.name, "event": "stage_end", "steps": result.steps,
+                       "examples": result.examples, "seconds": round(result.seconds, 3),
+                       "step_seconds": round(result.step_seconds, 5), "first_loss": losses[0],
+                       "last_loss": losses[-1]})
+            _write_json_atomic(out / RUN_JSON, plan.manifest(k + 1))  # last: now the stage counts as done
+            print(f"[training.run] stage {k} {task.name}: {result.steps} steps in {result.seconds:.1f}s, "
+                  f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; saved {out / stage['path']}", file=sys.stderr)
+        accelerator.wait_for_everyone()
+        del model, result, state
+        accelerator.free_memory()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.split("\n\n")[0],
+                                 epilog="config keys (set in the YAML or as key=value):\n" + describe(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="a YAML file, or a name in training/configs (toy, toy-tiny)")
+    ap.add_argument("--recipe", help="overrides the config's recipe (e.g. sa_proj, mlp_gate_up)")
+    ap.add_argument("--out", help="run directory (default: the config's out, else runs/CONFIG-RECIPE)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=1e-4 tasks=[cub200]")
+    args = ap.parse_intermixed_args(argv)  # key=value may come before or after the flags
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.recipe:
+            apply(cfg, "recipe", args.recipe, "--recipe")
+        if args.out:
+            apply(cfg, "out", args.out, "--out")
+        out = run(cfg, resolve_path(args.config).stem)
+    except (ConfigError, DataError, RecipeError, CheckpointError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
