@@ -37,7 +37,9 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 
 def _all_split_files(info) -> list[str]:
-    return [info["captions"]] + [t[s] for t in info["tasks"].values() for s in ("train", "test")] + [info["pretrain"]]
+    """Every record file; the mixed pretraining file (which repeats records) last."""
+    return ([info["captions"]] + [t[s] for t in info["tasks"].values() for s in ("train", "test")]
+            + [info["pretrain_warmup"], info["pretrain"]])
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_does_not(world, tmp_path):
@@ -53,6 +55,7 @@ def test_world_json_layout(world):
     info = load_world(world)
     assert info["images"] == "images" and info["captions"] == "captions/lcs558k.json"
     assert info["pretrain"] == "tasks/pretrain/train.json"
+    assert info["pretrain_warmup"] == "tasks/pretrain_warmup/train.json"
     assert list(info["tasks"]) == list(TASKS)
     assert TARGET_TASKS == ["cub200", "pixmocount", "pathvqa", "textvqa", "timeclock"]
     assert len(HELDOUT_TASKS) >= 6 and not set(HELDOUT_TASKS) & set(TARGET_TASKS)
@@ -107,6 +110,8 @@ def test_pretraining_is_captions_and_heldout_train_splits_only(world):
     key = lambda r: r["id"]  # noqa: E731
     assert sorted(pre, key=key) == sorted(expected, key=key)
     assert not any(r["id"].split("-")[0] in TARGET_TASKS for r in pre)
+    warm = read_records(world, info["pretrain_warmup"])
+    assert {r["conversations"][1]["value"] for r in warm} <= set(draw.SHAPES)
 
 
 def test_no_test_image_occurs_in_any_train_split_or_the_captions(world):
@@ -214,3 +219,100 @@ def test_ensure_world_refuses_an_incomplete_folder(tmp_path):
     (tmp_path / "half" / "images").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="half.*no complete world"):
         ensure_world(tmp_path / "half", size="tiny")
+
+
+# -- base models ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """base_checkpoint('qwen2_5_vl', 'tiny') built in a private cache (world + pretraining through the loop)."""
+    from training.world import base_checkpoint
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMM_DRIFT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        path = base_checkpoint("qwen2_5_vl", "tiny")
+        stamp = (path / "model.safetensors").stat().st_mtime_ns
+        assert base_checkpoint("qwen2_5_vl", "tiny") == path  # cached: not built again
+        assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+        yield path
+
+
+def test_tiny_base_checkpoint_loads_with_auto_classes_and_was_trained(tiny_base):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from training.chat import encode
+    from training.world.tokenizers import world_tokenizer
+    model = AutoModelForImageTextToText.from_pretrained(tiny_base)
+    processor = AutoProcessor.from_pretrained(tiny_base)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    summary = json.loads((tiny_base / "world_base.json").read_text())
+    world = Path(summary["world"])
+    assert processor.tokenizer.get_vocab() == world_tokenizer("qwen2_5_vl", world).get_vocab()
+    rec = read_records(world, "captions/lcs558k.json")[0]
+    with Image.open(world / "images" / rec["image"]) as im:
+        ex = encode(processor, im.convert("RGB"), rec["conversations"][0]["value"][len("<image>\n"):],
+                    rec["conversations"][1]["value"])
+    assert ex.image_inputs["image_grid_thw"].tolist() == [[1, 12, 12]]  # 48 px, patch 4
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (ex.input_ids == image_token).sum() == 9  # merge 4x4: 9 image tokens
+    with torch.no_grad():
+        logits = model(input_ids=ex.input_ids[None], **ex.image_inputs).logits
+    assert torch.isfinite(logits).all()
+    # pretrained through training.run: the loss fell, and the quick check covers every task
+    assert summary["steps"] > 0 and summary["last_loss"] < summary["first_loss"]
+    assert set(TASKS) <= set(summary["quick_check"])
+    log = [json.loads(line) for line in (tiny_base / "pretrain_log.jsonl").read_text().splitlines()]
+    assert log[-1]["event"] == "stage_end" and log[-1]["task"] == "pretrain"
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "llava_next"])
+def test_init_checkpoint_of_the_llava_families_loads_with_auto_classes(family, world, tmp_path):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from training.chat import encode
+    from training.world import init_checkpoint
+    path = init_checkpoint(family, "tiny", tmp_path / "init", world=world)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    ex = encode(processor, Image.new("RGB", (48, 48), (200, 30, 30)), "Describe the image concisely.", "a red square")
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert (ex.input_ids == image_token).sum() == 21  # 3x3 base view + 3x3 crop + 3 row separators
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ex.input_ids[None], **ex.image_inputs).logits).all()
+
+
+def test_quick_check_equals_greedy_generation(tiny_base):
+    """greedy_exact (teacher-forced) must agree with model.generate: True on the model's own greedy answers,
+    False once one answer token is changed."""
+    import torch
+
+    from training.chat import encode
+    from training.checkpoints import load_model, load_processor
+    from training.world.quickcheck import greedy_exact
+    model, processor = load_model(tiny_base), load_processor(tiny_base)
+    tok = processor.tokenizer
+    world = Path(json.loads((tiny_base / "world_base.json").read_text())["world"])
+    own, changed = [], []
+    for task in ["colour", "presence", "pixmocount", "timeclock"]:
+        for rec in read_records(world, f"tasks/{task}/test.json")[:6]:
+            with Image.open(world / "images" / rec["image"]) as im:
+                image = im.convert("RGB")
+            instruction = rec["conversations"][0]["value"][len("<image>\n"):]
+            prompt = encode(processor, image, instruction)
+            with torch.no_grad():
+                gen = model.generate(input_ids=prompt.input_ids[None], attention_mask=torch.ones_like(
+                    prompt.input_ids[None]), **prompt.image_inputs, max_new_tokens=6, do_sample=False)
+            new = gen[0, len(prompt.input_ids):].tolist()
+            if tok.eos_token_id not in new or new.index(tok.eos_token_id) == 0:
+                continue
+            answer_ids = new[:new.index(tok.eos_token_id)]
+            answer = tok.decode(answer_ids)
+            ex = encode(processor, image, instruction, answer)
+            if ex.input_ids[ex.answer_slice].tolist() != answer_ids:
+                continue  # the text does not re-tokenise to the same ids: not a fair comparison
+            own.append(ex)
+            other = next(t for t in ["red", "yes", "7", "no"] if t != answer)
+            changed.append(encode(processor, image, instruction, other))
+    assert len(own) >= 5, "the tiny base model should end most short answers within 6 tokens"
+    assert all(greedy_exact(model, processor, own))
+    assert not any(greedy_exact(model, processor, changed))

@@ -7,8 +7,10 @@
 `TARGET_TASKS` are the five skills taught in sequence (in their default order); `HELDOUT_TASKS` are
 general abilities the base model is pretrained on and no stage trains.
 """
+from .base import base_checkpoint, pretrain
 from .build import WORLD_SIZES, cache_root, ensure_world, load_world, read_records, write_world
+from .models import MODEL_SIZES, init_checkpoint
 from .registry import HELDOUT_TASKS, TARGET_TASKS, TASKS, get_task
 
-__all__ = ["HELDOUT_TASKS", "TARGET_TASKS", "TASKS", "WORLD_SIZES", "cache_root", "ensure_world", "get_task",
-           "load_world", "read_records", "write_world"]
+__all__ = ["HELDOUT_TASKS", "MODEL_SIZES", "TARGET_TASKS", "TASKS", "WORLD_SIZES", "base_checkpoint", "cache_root",
+           "ensure_world", "get_task", "init_checkpoint", "load_world", "pretrain", "read_records", "write_world"]

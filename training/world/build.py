@@ -5,6 +5,7 @@
     WORLD/captions/lcs558k.json       the caption corpus, LCS-558K format
     WORLD/tasks/NAME/{train,test}.json
     WORLD/tasks/pretrain/train.json   captions + every held-out task's train split, shuffled
+    WORLD/tasks/pretrain_warmup/train.json  single-object "what shape" questions (the base model's warm-up)
 
 Record i of a split is drawn from its own generator seeded by (seed, task, split, i), so a bigger world
 extends a smaller one and the same seed gives byte-identical files. No image of any test split occurs in
@@ -27,11 +28,13 @@ from .registry import TASKS
 VERSION = 1
 WORLD_SIZES: dict[str, dict[str, int]] = {
     # records per split; "tiny" is for tests (generates in about a second)
-    "tiny": dict(captions=48, target_train=24, target_test=12, heldout_train=24, heldout_test=12),
-    "toy": dict(captions=4000, target_train=1000, target_test=200, heldout_train=1500, heldout_test=200),
+    "tiny": dict(captions=48, target_train=24, target_test=12, heldout_train=24, heldout_test=12, warmup=24),
+    "toy": dict(captions=4000, target_train=1000, target_test=200, heldout_train=1500, heldout_test=200,
+                warmup=4000),
 }
 CAPTIONS = "captions/lcs558k.json"
 PRETRAIN = "tasks/pretrain/train.json"
+PRETRAIN_WARMUP = "tasks/pretrain_warmup/train.json"
 
 
 def repo_root() -> Path:
@@ -116,6 +119,8 @@ def write_world(out: str | os.PathLike, *, size: str | dict = "toy", seed: int =
         splits[name]["test"] = w.split(name, spec.make, "test", n[f"{spec.kind}_test"],
                                        rel_dir=f"{name}/test", id_fmt="{:06d}")
     captions = w.split("captions", tasks.caption, "train", n["captions"], rel_dir="captions", id_fmt="{:09d}")
+    warmup = w.split("pretrain_warmup", tasks.shape_warmup, "train", n["warmup"], rel_dir="pretrain_warmup",
+                     id_fmt="{:06d}")
     for name, spec in TASKS.items():
         splits[name]["train"] = w.split(name, spec.make, "train", n[f"{spec.kind}_train"],
                                         rel_dir=f"{name}/train", id_fmt="{:06d}")
@@ -126,17 +131,19 @@ def write_world(out: str | os.PathLike, *, size: str | dict = "toy", seed: int =
             _dump(out / f"tasks/{name}/{split}.json", recs)
         task_info[name] = {"kind": spec.kind, "train": f"tasks/{name}/train.json", "test": f"tasks/{name}/test.json",
                            "scorer": spec.scorer, "chance": round(spec.chance, 4),
+                           "max_new_tokens": spec.max_new_tokens,
                            "n_train": len(splits[name]["train"]), "n_test": len(splits[name]["test"])}
         if spec.order is not None:
             task_info[name]["order"] = spec.order
     pretrain = captions + [r for name, spec in TASKS.items() if spec.kind == "heldout" for r in splits[name]["train"]]
     random.Random(f"{seed}/pretrain").shuffle(pretrain)
     _dump(out / PRETRAIN, pretrain)
+    _dump(out / PRETRAIN_WARMUP, warmup)
     from .draw import IMAGE_SIZE
     _dump(out / "world.json", {
         "version": VERSION, "seed": seed, "size": size if isinstance(size, str) else "custom",
         "image_size": IMAGE_SIZE, "images": "images", "captions": CAPTIONS, "tasks": task_info,
-        "pretrain": PRETRAIN, "n_captions": len(captions), "n_pretrain": len(pretrain),
+        "pretrain": PRETRAIN, "pretrain_warmup": PRETRAIN_WARMUP, "n_captions": len(captions), "n_pretrain": len(pretrain),
         "redrawn_for_disjoint_splits": w.redrawn})
     return out
 

@@ -19,8 +19,9 @@ COLOURS = {
 BACKGROUNDS = {"white": (250, 250, 250), "gray": (185, 185, 185), "black": (25, 25, 25)}
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 
-# Radii (half-extent in pixels) of the two object sizes on a 48-pixel image.
-SIZE_RADIUS = {"small": 4, "large": 8}
+# Radii (half-extent in pixels) of the two object sizes on a 48-pixel image. Objects much smaller than
+# this take a tiny vision tower far longer to tell apart (measured: radius 4 vs 8, see docs/world.md).
+SIZE_RADIUS = {"small": 6, "large": 8}
 
 
 def jitter(rng: random.Random, rgb: tuple[int, int, int], amount: int = 12) -> tuple[int, int, int]:

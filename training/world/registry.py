@@ -22,6 +22,7 @@ class TaskSpec:
     chance: float             # 0-100
     make: Callable            # rng -> tasks.Sample
     order: int | None = None  # position in the default target sequence
+    max_new_tokens: int = 8   # enough for every answer of the task (the longest, "12:45", is 5 tokens)
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [

@@ -45,8 +45,8 @@ class Scene:
         img = draw.canvas(draw.jitter(rng, draw.BACKGROUNDS[self.background], 5))
         d = ImageDraw.Draw(img)
         for o in self.objects:
-            cx = o.cell[0] * CELL + CELL / 2 + rng.uniform(-1.5, 1.5)
-            cy = o.cell[1] * CELL + CELL / 2 + rng.uniform(-1.5, 1.5)
+            cx = o.cell[0] * CELL + CELL / 2 + rng.uniform(-1, 1)
+            cy = o.cell[1] * CELL + CELL / 2 + rng.uniform(-1, 1)
             r = draw.SIZE_RADIUS[o.size] + rng.uniform(-0.5, 0.5)
             draw.shape(d, o.shape, cx, cy, r, draw.jitter(rng, draw.COLOURS[o.colour]))
         return img

@@ -100,12 +100,12 @@ def pixmocount(rng: random.Random) -> Sample:
     img = draw.canvas(_background(rng))
     from PIL import ImageDraw
     d = ImageDraw.Draw(img)
-    cells = rng.sample([(i, j) for i in range(5) for j in range(5)], n + distract)
+    cells = rng.sample([(i, j) for i in range(4) for j in range(4)], n + distract)
     others = [s for s in draw.SHAPES if s != target]
     for k, (i, j) in enumerate(cells):
         kind = target if k < n else rng.choice(others)
-        cx, cy = 5 + i * 9.5 + rng.uniform(-1, 1), 5 + j * 9.5 + rng.uniform(-1, 1)
-        draw.shape(d, kind, cx, cy, 3.5, draw.jitter(rng, draw.COLOURS[rng.choice(list(draw.COLOURS))]))
+        cx, cy = 6 + i * 12 + rng.uniform(-1, 1), 6 + j * 12 + rng.uniform(-1, 1)
+        draw.shape(d, kind, cx, cy, 4.5, draw.jitter(rng, draw.COLOURS[rng.choice(list(draw.COLOURS))]))
     q = rng.choice(["How many {p} are there?", "How many {p} are in the image?", "Count the {p}."])
     return Sample(img, q.format(p=PLURAL[target]) + "\nAnswer with a number.", str(n))
 
@@ -216,20 +216,26 @@ def size(rng: random.Random) -> Sample:
 
 
 def presence(rng: random.Random) -> Sample:
+    """Is there a <shape> / anything <colour>? One attribute, so perception alone answers it."""
     s = sample_scene(rng)
-    present = {(o.colour, o.shape) for o in s.objects}
     if rng.random() < 0.5:
-        c, sh = rng.choice(sorted(present))
-        ans = "yes"
-    else:  # a near miss half the time: a present colour with another shape, or vice versa
-        while True:
-            o = rng.choice(s.objects)
-            c, sh = ((o.colour, rng.choice(draw.SHAPES)) if rng.random() < 0.5 else
-                     (rng.choice(list(draw.COLOURS)), o.shape))
-            if (c, sh) not in present:
-                break
-        ans = "no"
-    return Sample(s.render(rng), f"Is there a {c} {sh} in the image?\nAnswer yes or no.", ans)
+        present = {o.shape for o in s.objects}
+        pool, what = list(draw.SHAPES), "a {}"
+    else:
+        present = {o.colour for o in s.objects}
+        pool, what = list(draw.COLOURS), "anything {}"
+    if rng.random() < 0.5:
+        value, ans = rng.choice(sorted(present)), "yes"
+    else:
+        value, ans = rng.choice([v for v in pool if v not in present]), "no"
+    return Sample(s.render(rng), f"Is there {what.format(value)} in the image?\nAnswer yes or no.", ans)
+
+
+def shape_warmup(rng: random.Random) -> Sample:
+    """Pretraining warm-up only: name the shape of a lone object. A tiny vision tower learns shapes in about
+    150 steps when they are all it is asked about, but not within 1,000 steps of the full mixture."""
+    s = sample_scene(rng, 1)
+    return Sample(s.render(rng), f"What shape is the object?\n{SHORT}", s.objects[0].shape)
 
 
 def _caption_one(o: Obj) -> str:
