@@ -27,10 +27,12 @@ from tqdm.auto import tqdm
 
 from training.families import CheckpointError
 
+from . import extras as drift_extras
 from . import table
 from .captions import CaptionDataError, load_captions
 from .discover import DiscoveryError, RunDir, discover
-from .engine import MAX_NEW_TOKENS, EncodeCache, Engine, probe_names
+from .drift import DriftError
+from .engine import MAX_NEW_TOKENS, EncodeCache, Engine
 from .loading import load_for_inference, load_processor_for
 from .tokensets import TOKEN_SETS, decoded_vocab, token_set, vocab_fingerprint
 
@@ -64,7 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="attention implementation on a GPU (auto: sdpa)")
     ap.add_argument("--replace", action="store_true",
                     help="replace rows computed on a different caption subset instead of stopping")
+    drift_extras.add_arguments(ap)
     args = ap.parse_args(argv)
+    drift_extras.check_arguments(ap, args)
     if args.batch_size < 1:
         ap.error("--batch-size must be at least 1")
     if args.max_new_tokens < 1:
@@ -135,6 +139,8 @@ def caption_set(args, run: RunDir):
 def probe_checkpoint(ck, processor, args, caps, modes, device, dtype, attn, set_ids, rank, world,
                      cache=None) -> dict:
     """This rank's share of every needed mode: {mode: {sample index: values}}. Raises on failure."""
+    extras = getattr(args, "extras", None)          # drift and task signatures (probes.extras)
+    set_ids = set_ids | extras.sig_sets if extras is not None else set_ids
     model, processor = load_for_inference(ck.path, dtype=dtype, device=device, attn_implementation=attn,
                                           processor=processor)
     try:
@@ -143,7 +149,10 @@ def probe_checkpoint(ck, processor, args, caps, modes, device, dtype, attn, set_
         for mode in modes:
             with_answer = mode == "teacher-forced"
             mine = eng.plan(caps.samples, args.batch_size, with_answer)[rank::world]
-            if with_answer:
+            if with_answer and extras is not None and extras.drift:
+                out[mode] = extras.teacher_forced(eng, caps.samples, mine, device=device, dtype=dtype, attn=attn,
+                                                  cache=cache, progress=rank == 0)
+            elif with_answer:
                 out[mode] = eng.teacher_forced(caps.samples, batches=mine, progress=rank == 0)
             else:
                 gens = eng.generate(caps.samples, max_new_tokens=args.max_new_tokens, stats=True, batches=mine,
@@ -179,9 +188,9 @@ def plan_work(args, run, caps, names, out_path) -> list[tuple]:
     for ck in run.checkpoints:
         need, clash = [], None
         for mode in MODES[args.mode]:
-            if table.done(df, ck.stage, ck.rel, mode, names, caps.hash):
+            if table.done(df, ck.stage, ck.rel, mode, names[mode], caps.hash):
                 continue
-            c = table.conflicts(df, ck.stage, ck.rel, mode, names, caps.hash)
+            c = table.conflicts(df, ck.stage, ck.rel, mode, names[mode], caps.hash)
             if len(c) and not args.replace:
                 r = c.iloc[0]
                 clash = (f"{out_path} already has {mode} rows for stage {ck.stage} computed on "
@@ -205,10 +214,11 @@ def main(argv=None) -> int:
         run = discover(args.ckpt_dir)
         caps = caption_set(args, run)
         out_path = Path(args.out) if args.out else run.root / "probes.parquet"
-        names = probe_names(args.token_sets)
+        args.extras = drift_extras.setup(args, run, caps, out_path, rank, say=print if rank == 0 else lambda *a: None)
+        names = {m: args.extras.names(args.token_sets, m) for m in MODES[args.mode]}   # per mode: drift is tf only
         if rank == 0:
             plan = plan_work(args, run, caps, names, out_path)
-    except (DiscoveryError, CaptionDataError, CheckpointError, table.TableError) as e:
+    except (DiscoveryError, CaptionDataError, CheckpointError, table.TableError, DriftError) as e:
         error = str(e)
     plan, error = broadcast((plan, error) if rank == 0 else None, rank, world)
     if error is not None:
@@ -273,7 +283,7 @@ def main(argv=None) -> int:
                 merged = {}
                 for p in parts:
                     merged.update(p["values"][mode])
-                rows += rows_for(run, ck, mode, merged, names, caps)
+                rows += rows_for(run, ck, mode, merged, names[mode], caps)
             table.append_rows(out_path, rows)
             status[ck.stage] = "done"
         except Exception as e:
