@@ -66,6 +66,18 @@ SCHEMA: dict[str, Key] = {
     "train.gradient_checkpointing": Key(bool, True, doc="applies on GPU only"),
     "train.log_every": Key(int, 1, min=1, doc="write a train_log.jsonl line every N optimizer steps"),
     "train.progress": Key(bool, True, doc="tqdm progress bars"),
+    # The drift monitor (training/monitor.py): probes of the model being trained, into RUN/monitor.parquet.
+    "monitor.every": Key(int, 0, min=0, doc="probe the model every N optimizer steps (and at each stage's start and "
+                         "end); 0: off"),
+    "monitor.captions": Key(int, 16, min=1, doc="how many captions (the first N of the run's caption set)"),
+    "monitor.batch_size": Key(int, 16, min=1, doc="captions per forward pass of a check"),
+    "monitor.signatures": Key(bool, True, doc="also the run tasks' signature masses sig_<task>_mass"),
+    "monitor.kl": Key(bool, True, doc="also kl_to_base and top1_agreement against stage 0"),
+    "monitor.probe": Key(str, "number_mass", doc="the probe the drift budget watches"),
+    "monitor.budget": Key(float, None, True, min=0, doc="largest allowed |probe - reference|; null: no budget"),
+    "monitor.reference": Key(str, "base", choices=("base", "stage_start"), doc="the budget's reference value"),
+    "monitor.on_budget": Key(str, "stop", choices=("stop", "lower_lr"), doc="end the stage, or scale its LR"),
+    "monitor.lr_factor": Key(float, 0.5, min=0, doc="LR multiplier of on_budget: lower_lr"),
     "probe.captions": Key(str, None, True, doc="caption set (LLaVA JSON) for the probes; the world's for world runs"),
     "probe.images": Key(str, None, True, doc="image root of probe.captions"),
     "eval.benchmarks": Key(list, None, True, doc="benchmark names for probes.evaluate; the world's for world runs"),

@@ -91,8 +91,9 @@ def _supervised(batch: dict) -> int:
 
 def train_stage(model: torch.nn.Module, dataset: Dataset, collate_fn: Callable, train_cfg: dict, *,
                 recipe: str, seed: int, stage: int, accelerator=None, num_workers: int = 0,
-                log: Callable[[dict], None] | None = None, desc: str = "") -> StageResult:
-    """Train `model` in place on `dataset` with `recipe`; returns the steps, losses and timing."""
+                log: Callable[[dict], None] | None = None, desc: str = "", monitor=None) -> StageResult:
+    """Train `model` in place on `dataset` with `recipe`; returns the steps, losses and timing.
+    `monitor` (training.monitor.DriftMonitor) probes the model after optimizer steps and may end the stage."""
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -173,6 +174,10 @@ def train_stage(model: torch.nn.Module, dataset: Dataset, collate_fn: Callable, 
                      "seconds": round(time.perf_counter() - t0, 5)})
             if step >= total:
                 break
+            if monitor is not None and monitor.after_step(step, accelerator.unwrap_model(model), optimizer, scheduler):
+                break
+        if monitor is not None and monitor.stopped:
+            break
         epoch += 1
     bar.close()
     seconds = time.perf_counter() - start

@@ -43,6 +43,7 @@ from .data import (
     resolve_task,
 )
 from .families import CheckpointError
+from .monitor import MonitorError
 from .recipes import RecipeError, resolve_spec
 
 RUN_JSON = "run.json"
@@ -199,16 +200,23 @@ def run(cfg: dict, config_name: str = "run") -> Path:
         accelerator.wait_for_everyone()
         done = 1
 
+    from .monitor import create as create_monitor  # probes' engine: imported only when the monitor runs
+    monitor = create_monitor(cfg, plan, out, processor, accelerator, load_kw) if done < len(plan.stages) else None
     for stage in plan.stages[done:]:
         k, task = stage["index"], plan.tasks[stage["index"] - 1]
         log = TrainLog(out / TRAIN_LOG, keep_before=k, enabled=main)
         model = checkpoints.load_model(out / plan.stages[k - 1]["path"], **load_kw)
         dataset = ConversationDataset.from_task(task, processor, cfg["data"]["max_examples"])
+        if monitor is not None:
+            monitor.start_stage(stage, model)
         result = train_stage(model, dataset, Collator(plan.family, pad_id), cfg["train"], recipe=cfg["recipe"],
                              seed=cfg["seed"], stage=k, accelerator=accelerator,
                              num_workers=cfg["data"]["num_workers"],
                              log=lambda r, k=k, t=task.name, w=log.write: w({"stage": k, "task": t, **r}),
-                             desc=f"stage {k}/{len(plan.tasks)} {task.name}")
+                             desc=f"stage {k}/{len(plan.tasks)} {task.name}", monitor=monitor)
+        if monitor is not None:
+            log.write({"stage": k, "task": task.name, "event": "monitor",
+                       **monitor.end_stage(result.steps, accelerator.unwrap_model(result.model))})
         state = full_state_dict(accelerator, result.model)
         if main:
             unwrapped = accelerator.unwrap_model(result.model)
@@ -247,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             apply(cfg, "out", args.out, "--out")
         out = run(cfg, resolve_path(args.config).stem)
-    except (ConfigError, DataError, RecipeError, CheckpointError, RunError) as e:
+    except (ConfigError, DataError, RecipeError, CheckpointError, RunError, MonitorError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(out)
