@@ -44,54 +44,55 @@ class MonitorError(ValueError):
     """A monitor that cannot run with this config or run; the message names the key."""
 
 
+def build_probe(m: dict, captions: dict | None, processor, stage0: Path, task_files: dict, load_kw: dict):
+    """The monitor's probe (probes.drift.CaptionProbe) from the `monitor.*` keys `m`, and stage 0's values:
+    (probe, base values, seconds of that check, dataset name, dataset hash). Also used by
+    probes.monitor_cost to time the same check."""
+    from probes.captions import load_captions, subset_hash
+    from probes.drift import CaptionProbe
+    from probes.signatures import derive, read_answers
+    from probes.tokensets import decoded_vocab, token_set
+
+    from .checkpoints import load_model
+
+    if not captions:
+        raise MonitorError("monitor.every is set but the run has no caption set (set probe.captions, or use a "
+                           "world data.root)")
+    every_caption = load_captions(captions["path"], captions.get("images"), num_samples=None, sample="first")
+    samples = every_caption.samples[:min(int(m["captions"]), len(every_caption.samples))]
+    tok = processor.tokenizer
+    vocab = decoded_vocab(tok)
+    set_ids = {"number": token_set(tok, "number", vocab)}
+    if m["signatures"]:
+        refs = [s.caption for s in every_caption.samples[:SIGNATURE_CAPTIONS]]
+        for name, path in task_files.items():
+            sig = derive(name, read_answers(path), refs, processor, source=str(path), vocab=vocab)
+            if sig.tokens:
+                set_ids[sig.name] = sig.ids
+    base = load_model(stage0, **load_kw)
+    probe = CaptionProbe(processor, samples, set_ids, batch_size=int(m["batch_size"]),
+                         base_model=base if m["kl"] else None)
+    if m["probe"] not in probe.probe_names:
+        raise MonitorError(f"monitor.probe {m['probe']!r} is not among the monitor's probes "
+                           f"({', '.join(probe.probe_names)})")
+    values, seconds = probe(base)
+    del base
+    _free_memory()
+    return probe, values, seconds, every_caption.name, subset_hash(samples)
+
+
 class DriftMonitor:
     def __init__(self, cfg: dict, out: Path, captions: dict | None, processor, stage0: Path, tasks: list,
                  *, main: bool = True, distributed: str = "NO", load_kw: dict | None = None, device=None):
-        from probes.captions import load_captions
-        from probes.drift import CaptionProbe
-        from probes.signatures import derive, read_answers
-        from probes.tokensets import decoded_vocab, token_set
-
-        from .checkpoints import load_model
-
         m = cfg["monitor"]
         if distributed in ("FSDP", "DEEPSPEED"):
             raise MonitorError(f"monitor.every is set but the run is sharded ({distributed}); the monitor needs the "
                                "whole model on each process: use DDP, or monitor.every=0")
-        if not captions:
-            raise MonitorError("monitor.every is set but the run has no caption set (set probe.captions, or use a "
-                               "world data.root)")
         self.cfg, self.out, self.main, self.run_name = m, Path(out), main, Path(out).name
         self.path = self.out / MONITOR_FILE
-        every_caption = load_captions(captions["path"], captions.get("images"),
-                                      num_samples=None, sample="first")   # the first 1000 (or all)
-        n = min(int(m["captions"]), len(every_caption.samples))
-        self.samples = every_caption.samples[:n]
-        from probes.captions import subset_hash
-        self.dataset, self.dataset_hash = every_caption.name, subset_hash(self.samples)
-        tok = processor.tokenizer
-        vocab = decoded_vocab(tok)
-        set_ids = {"number": token_set(tok, "number", vocab)}
-        self.signatures = []
-        if m["signatures"]:
-            refs = [s.caption for s in every_caption.samples[:SIGNATURE_CAPTIONS]]
-            for t in tasks:
-                sig = derive(t.name, read_answers(t.train), refs, processor, source=str(t.train), vocab=vocab)
-                if sig.tokens:
-                    set_ids[sig.name] = sig.ids
-                    self.signatures.append(sig)
         self.device = device
-        load_kw = dict(load_kw or {}, device=device)
-        base = load_model(stage0, **load_kw) if m["kl"] else None
-        self.probe = CaptionProbe(processor, self.samples, set_ids, batch_size=int(m["batch_size"]), base_model=base)
-        if m["probe"] not in self.probe.probe_names:
-            raise MonitorError(f"monitor.probe {m['probe']!r} is not among the monitor's probes "
-                               f"({', '.join(self.probe.probe_names)})")
-        if base is None:
-            base = load_model(stage0, **load_kw)
-        self.base_values, seconds = self.probe(base)
-        del base
-        _free_memory()
+        self.probe, self.base_values, seconds, self.dataset, self.dataset_hash = build_probe(
+            m, captions, processor, stage0, {t.name: t.train for t in tasks}, dict(load_kw or {}, device=device))
         self.rows = self._kept_rows()
         self._add(0, "base", None, 0, self.base_values, seconds, 1.0, "")
         self.stage = None
