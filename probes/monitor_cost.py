@@ -6,7 +6,8 @@
 Times, on this machine, with the checkpoint already loaded (neither side counts loading):
 - the monitor's check exactly as training.run makes it (training.monitor.build_probe: the first
   `monitor.captions` captions of the run's caption set, number-token and signature masses, KL against
-  stage 0): the first check (which also encodes the captions) and the mean of `--repeats` further checks;
+  stage 0; its one-time setup, stage 0's pass that also encodes the captions, is not counted): the first
+  check and the mean of `--repeats` further checks;
 - one held-out evaluation: every held-out benchmark of the run (probes.evaluate's resolution, greedy answers,
   scored), `--limit` items each when given.
 Prints both and their ratio, and writes RUN/monitor_cost.json for analysis.drift_report.
@@ -42,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--benchmarks", help="comma-separated held-out benchmarks (default: every held-out one of the run)")
     ap.add_argument("--limit", type=int, default=None, help="items per benchmark (default: all)")
     ap.add_argument("--batch-size", type=int, default=32, help="evaluation batch size (default 32)")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="generation limit for every benchmark (default: each benchmark's own, as probes.evaluate)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     if args.repeats < 1:
@@ -70,7 +73,8 @@ def time_monitor(run, ck, model, processor, m: dict, repeats: int, load_kw: dict
             "dataset_hash": dataset_hash, "seconds_first": first, "seconds_per_check": sum(seconds) / len(seconds)}
 
 
-def time_heldout(run, model, processor, names: list[str] | None, limit: int | None, batch_size: int) -> dict:
+def time_heldout(run, model, processor, names: list[str] | None, limit: int | None, batch_size: int,
+                 max_new_tokens: int | None = None) -> dict:
     from .evaluate import score_predictions
 
     tasks = B.run_tasks(run.manifest)
@@ -84,11 +88,12 @@ def time_heldout(run, model, processor, names: list[str] | None, limit: int | No
         d = B.load(b, limit)
         start = time.perf_counter()
         gens = eng.generate(d.samples, batch_size=batch_size,
-                            max_new_tokens=b.max_new_tokens or B.DEFAULT_MAX_NEW_TOKENS)
+                            max_new_tokens=max_new_tokens or b.max_new_tokens or B.DEFAULT_MAX_NEW_TOKENS)
         score, _ = score_predictions(d, {g.index: g.text.strip() for g in gens})
         sec = time.perf_counter() - start
         total += sec
-        out[b.name] = {"items": len(d.items), "seconds": sec, "score": score}
+        out[b.name] = {"items": len(d.items), "seconds": sec, "score": score,
+                       "generated_tokens": sum(g.n_steps for g in gens)}
     return {"benchmarks": out, "seconds": total}
 
 
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
         load_kw = dict(dtype=dtype, device=device, attn_implementation=attn)
         mon = time_monitor(run, ck, model, processor, m, args.repeats, load_kw)
         names = [n.strip() for n in args.benchmarks.split(",")] if args.benchmarks else None
-        held = time_heldout(run, model, processor, names, args.limit, args.batch_size)
+        held = time_heldout(run, model, processor, names, args.limit, args.batch_size, args.max_new_tokens)
     except (DiscoveryError, CaptionDataError, CheckpointError, B.BenchmarkError, SignatureError, ValueError) as e:
         print(f"probes.monitor_cost: error: {e}", file=sys.stderr)
         return 2
@@ -125,7 +130,7 @@ def main(argv=None) -> int:
     path = Path(run.root) / COST_FILE
     path.write_text(json.dumps(result, indent=1))
     print(f"monitor check ({mon['captions']} captions, {len(mon['probes'])} probes): "
-          f"{mon['seconds_per_check']:.3f} s (first, with encoding: {mon['seconds_first']:.3f} s)")
+          f"{mon['seconds_per_check']:.3f} s (first check: {mon['seconds_first']:.3f} s)")
     print(f"held-out evaluation ({len(held['benchmarks'])} benchmarks, "
           f"{sum(b['items'] for b in held['benchmarks'].values())} items): {held['seconds']:.3f} s")
     print(f"ratio: one held-out evaluation = {ratio:.1f} monitor checks  -> {path}")
