@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -209,6 +210,7 @@ class CaptionProbe:
         self.batch_size = batch_size
         self.batches: list[list[int]] | None = None
         self.ref = None
+        self._eng = None
         if base_model is not None:
             with self._quiet(base_model):
                 self.ref = BaseReference(base_model, processor, encode_cache=self.cache)
@@ -242,9 +244,11 @@ class CaptionProbe:
             return self.rng.__exit__(*exc)
 
     def engine(self, model: nn.Module) -> Engine:
-        # A new engine per check: an Engine copies its token sets' rows of the output projection when it is
-        # built, and training moves them (encodings stay in the shared cache).
-        return Engine(model, self.processor, set_ids=self.set_ids, encode_cache=self.cache)
+        """One engine per model object (it reads the live weights), held by a weak reference so that a
+        finished stage's model is not kept alive."""
+        if self._eng is None or self._eng[0]() is not model:
+            self._eng = (weakref.ref(model), Engine(model, self.processor, set_ids=self.set_ids, encode_cache=self.cache))
+        return self._eng[1]
 
     def __call__(self, model: nn.Module) -> tuple[dict[str, dict], float]:
         """({probe: {"mean", "std", "n_samples", "n_positions"}}, seconds)."""

@@ -221,10 +221,9 @@ class Engine:
             vocab = decoded_vocab(tok) if token_sets else []
             set_ids = {n: token_set(tok, n, vocab) for n in token_sets}
         self.set_ids = set_ids
-        self._sets = {}
-        for n, ids in set_ids.items():
-            idx = torch.tensor(ids, dtype=torch.long, device=self.device)
-            self._sets[n] = (self.weight[idx], None if self.bias is None else self.bias[idx])
+        # ids only: the rows are gathered from the live weights at every use, so an engine over a model that is
+        # being trained (training.monitor) sees its current weights
+        self._set_idx = {n: torch.tensor(ids, dtype=torch.long, device=self.device) for n, ids in set_ids.items()}
         self.probe_names = probe_names(set_ids)
         self.stop_ids = stop_token_ids(model, processor)
         self._affixes = None
@@ -257,8 +256,8 @@ class Engine:
         return out
 
     def stats(self, hidden: torch.Tensor, want_argmax: bool = False) -> VocabStats:
-        return vocab_stats(hidden, self.weight, self.bias, self._sets, want_argmax=want_argmax,
-                           chunk_elems=self.chunk_elems)
+        sets = {n: (self.weight[i], None if self.bias is None else self.bias[i]) for n, i in self._set_idx.items()}
+        return vocab_stats(hidden, self.weight, self.bias, sets, want_argmax=want_argmax, chunk_elems=self.chunk_elems)
 
     def _stop_on_nonfinite(self, owners: torch.Tensor, idx: list[int], samples: Sequence[Sample], what: str) -> None:
         """Stop, naming the first sample, when any row had NaN or infinite logits (`owners`: the batch rows

@@ -63,6 +63,7 @@ class Extras:
     base_path: Path | None = None
     sigs: list[Signature] = field(default_factory=list)
     ref: drift.BaseReference | None = None
+    safety: dict = field(default_factory=dict)       # allow_pickle, trust_remote_code, as for the checkpoints
 
     @property
     def sig_sets(self) -> dict[str, list[int]]:
@@ -80,12 +81,12 @@ class Extras:
         if self.ref is None:
             if self.base_path is None:
                 raise drift.DriftError("drift probes need a base checkpoint")
-            own = load_processor_for(self.base_path)
+            own = load_processor_for(self.base_path, trust_remote_code=self.safety.get("trust_remote_code", False))
             if vocab_fingerprint(own.tokenizer) != vocab_fingerprint(eng.tokenizer):
                 raise CheckpointError(f"{self.base_path}: the base's tokenizer differs from the run's; KL over "
                                       "different vocabularies is not defined")
             model, _ = load_for_inference(self.base_path, dtype=dtype, device=device, attn_implementation=attn,
-                                          processor=eng.processor)
+                                          processor=eng.processor, **self.safety)
             self.ref = drift.BaseReference(model, eng.processor, encode_cache=cache, name=str(self.base_path))
         out = drift.teacher_forced(eng, self.ref, samples, batches, progress=progress)
         self.ref.release_model()       # every batch of this rank's plan is cached: keep only the base's head
@@ -96,7 +97,8 @@ def setup(args, run, caps, out_path: Path, rank: int, say=print) -> Extras:
     """Resolve the base and derive the signatures (rank 0 writes signatures.json next to the table)."""
     from .loading import load_processor_for
 
-    ex = Extras(drift=bool(args.drift))
+    ex = Extras(drift=bool(args.drift), safety={k: bool(getattr(args, k, False))
+                                                for k in ("allow_pickle", "trust_remote_code")})
     if args.drift:
         if args.base:
             ex.base_path = Path(args.base)
@@ -109,7 +111,7 @@ def setup(args, run, caps, out_path: Path, rank: int, say=print) -> Extras:
             raise drift.DriftError(f"--base {ex.base_path}: not a checkpoint folder")
         say(f"probes.run: drift against {ex.base_path}")
     if args.signatures:
-        processor = load_processor_for(run.checkpoints[0].path)
+        processor = load_processor_for(run.checkpoints[0].path, trust_remote_code=ex.safety["trust_remote_code"])
         try:
             ex.sigs = derive_all(run.manifest, [s.caption for s in caps.samples], processor, args.signature_tasks,
                                  args.signature_file, prior=args.signature_prior, z_min=args.signature_z,

@@ -241,6 +241,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", help="the table (default: CKPT_DIR/layers.parquet)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash_attention_2", "eager"])
+    ap.add_argument("--strict", action="store_true",
+                    help="stop on any bad caption record (default: skip it, count it, take the next good one)")
+    ap.add_argument("--allow-pickle", action="store_true", help="load pickle weights (see probes.run --help)")
+    ap.add_argument("--trust-remote-code", action="store_true", help="let a checkpoint's own code run (off by default)")
     ap.add_argument("--replace", action="store_true", help="replace rows computed on other captions or another base")
     args = ap.parse_args(argv)
     if args.batch_size < 1:
@@ -273,16 +277,19 @@ def main(argv=None) -> int:
             if first.stage != 0:
                 raise DriftError(f"{run.root}: no stage 0 to serve as the base; pass --base PATH")
             base_path, base_rel = first.path, first.rel
-        processor = load_processor_for(base_path)
+        processor = load_processor_for(base_path, trust_remote_code=args.trust_remote_code)
     except (DiscoveryError, CaptionDataError, CheckpointError, table.TableError, DriftError) as e:
         print(f"probes.layers: error: {e}", file=sys.stderr)
         return 2
     device, dtype, attn = pick_device(args.device, args.attn)
     print(f"probes.layers: {len(run.checkpoints)} checkpoint(s) in {run.root} against {base_path}; captions "
           f"{caps.source} ({len(caps.samples)} samples, hash {caps.hash}); {device} {dtype} -> {out_path}")
+    if caps.report():
+        print(f"probes.layers: {caps.report()}", file=sys.stderr)
     cache = EncodeCache()
-    base_model, _ = load_for_inference(base_path, dtype=dtype, device=device, attn_implementation=attn,
-                                       processor=processor)
+    load = dict(dtype=dtype, device=device, attn_implementation=attn, processor=processor,
+                allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    base_model, _ = load_for_inference(base_path, **load)
     base = Engine(base_model, processor, token_sets=(), encode_cache=cache)
     readout = Readout(base_model, token_set(processor.tokenizer, "number"))
     n_layers = Taps(base_model, base.family).n_layers
@@ -301,11 +308,10 @@ def main(argv=None) -> int:
             continue
         model = None
         try:
-            own = load_processor_for(ck.path)
+            own = load_processor_for(ck.path, trust_remote_code=args.trust_remote_code)
             if vocab_fingerprint(own.tokenizer) != vocab_fingerprint(processor.tokenizer):
                 raise CheckpointError(f"{ck.path}: its tokenizer differs from the base's")
-            model, _ = load_for_inference(ck.path, dtype=dtype, device=device, attn_implementation=attn,
-                                          processor=processor)
+            model, _ = load_for_inference(ck.path, **load)
             eng = Engine(model, processor, token_sets=(), encode_cache=cache)
             per = attribute(base, eng, readout, caps.samples, batches, progress=True)
             table.append_rows(out_path, rows_for(run, ck, base_rel, per, caps), columns=COLUMNS, dtypes=DTYPES,

@@ -200,3 +200,17 @@ def test_bad_drift_options_are_named(trained_run, tmp_path, capsys):
     assert probes_run(["--ckpt-dir", str(trained_run), "--signatures", "--signature-tasks", "nosuchtask",
                        "--out", str(tmp_path / "y.parquet")]) == 2
     assert "signature of task 'nosuchtask'" in capsys.readouterr().err
+
+
+def test_an_engine_reads_the_live_weights(pairs):
+    """The monitor keeps one Engine per model while training moves the output projection: its token-set
+    probes must follow the weights (a fresh engine is the reference)."""
+    base, _, processor, samples, _ = pairs("qwen2_5_vl")
+    model = copy.deepcopy(base)
+    eng = Engine(model, processor)
+    before = eng.teacher_forced(samples, batch_size=4)
+    with torch.no_grad():
+        model.lm_head.weight[eng.set_ids["number"]] += 1.0
+    after = eng.teacher_forced(samples, batch_size=4)
+    fresh = Engine(model, processor).teacher_forced(samples, batch_size=4)
+    assert after == fresh and after[0]["number_mass"] > before[0]["number_mass"]
