@@ -2,8 +2,8 @@
 
 Reads each run's run.json, evals.parquet and probes.parquet and writes, under --out (default RUN/analysis
 for one run; analysis/ in the runs' common folder for several): metrics.csv, correlations.csv,
-recovery.csv, summary.csv and figures/*.png. A folder without run.json stands for the runs inside it.
-Definitions: docs/metrics.md.
+recovery.csv, summary.csv, figures/*.png, and cells.csv (forgetting per 2x2 cell, for runs whose run.json has
+"domains"). A folder without run.json stands for the runs inside it. Definitions: docs/metrics.md.
 """
 from __future__ import annotations
 
