@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoints import (  # noqa: F401  (ADAPTER_CONFIG, adapter_base and is_adapter are re-exported)
+from training.checkpoints import (  # noqa: F401  (some are re-exported for probes' users)
     ADAPTER_CONFIG,
+    TOKENIZER_FILES,
     adapter_base,
+    has_tokenizer,
     is_adapter,
     is_checkpoint,
     is_delta,
@@ -23,14 +25,6 @@ from training.checkpoints import (  # noqa: F401  (ADAPTER_CONFIG, adapter_base 
     read_delta,
 )
 from training.families import CheckpointError
-
-# Files that hold a vocabulary; without one, AutoProcessor quietly builds an empty tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
-
-
-def has_tokenizer(folder: str | os.PathLike) -> bool:
-    p = Path(folder)
-    return any((p / f).is_file() for f in TOKENIZER_FILES) or any(p.glob("*.tiktoken"))
 
 
 def has_image_processor(folder: str | os.PathLike) -> bool:

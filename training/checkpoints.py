@@ -31,6 +31,13 @@ DELTA_JSON = "delta.json"
 DELTA_WEIGHTS = "delta.safetensors"
 DELTA_FORMAT = "lmm-drift-delta"
 ADAPTER_CONFIG = "adapter_config.json"
+# Files that hold a vocabulary; without one, AutoProcessor quietly builds an empty tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    p = Path(folder)
+    return any((p / f).is_file() for f in TOKENIZER_FILES) or any(p.glob("*.tiktoken"))
 
 
 def is_delta(path: str | os.PathLike) -> bool:
@@ -208,6 +215,9 @@ def load_processor(path: str | os.PathLike, trust_remote_code: bool = False):
     candidates = [path] + ([read_delta(path)[1]] if is_delta(path) else [])
     errors = []
     for c in candidates:
+        if not has_tokenizer(c):
+            errors.append(f"{c}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+            continue
         try:
             return AutoProcessor.from_pretrained(str(c), local_files_only=True, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, TypeError) as e:
@@ -215,6 +225,6 @@ def load_processor(path: str | os.PathLike, trust_remote_code: bool = False):
     raise CheckpointError(f"{path}: no usable processor/tokenizer ({'; '.join(errors)[:400]})")
 
 
-__all__ = ["ADAPTER_CONFIG", "DELTA_JSON", "DELTA_WEIGHTS", "adapter_base", "atomic_dir", "check_checkpoint_folder",
-           "family_of", "is_adapter", "is_checkpoint", "is_delta", "is_stage", "load_model", "load_processor",
-           "read_delta", "save_delta", "save_full"]
+__all__ = ["ADAPTER_CONFIG", "DELTA_JSON", "DELTA_WEIGHTS", "TOKENIZER_FILES", "adapter_base", "atomic_dir",
+           "check_checkpoint_folder", "family_of", "has_tokenizer", "is_adapter", "is_checkpoint", "is_delta",
+           "is_stage", "load_model", "load_processor", "read_delta", "save_delta", "save_full"]
