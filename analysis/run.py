@@ -13,6 +13,7 @@ import warnings
 
 import pandas as pd
 
+from .cells import cell_summary
 from .report import analyze, default_out, write
 from .tables import TableError, expand_run_dirs, load_runs
 
@@ -27,6 +28,11 @@ def _print_summary(an) -> None:
     print(f"per run (probe: {probe} {mode or ''}):" if probe else "per run (no probes):")
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3g}".format):
         print(s.to_string(index=False))
+    if len(an.cells):
+        cells = cell_summary(an.cells)
+        print("\nforgetting per 2x2 cell (mean over stages of the change each stage's tuning made, pp):")
+        with pd.option_context("display.width", 200, "display.float_format", "{:+.2f}".format):
+            print(cells.pivot(index=["run", "recipe"], columns="cell", values="mean_change_prev").to_string())
     if probe:
         c = an.correlations
         c = c[(c["probe"] == probe) & (c["mode"] == mode) & (c["group"] == "pooled")

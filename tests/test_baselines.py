@@ -2,6 +2,7 @@
 and each method end to end through training.run, probed and validated like any run."""
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -99,6 +100,20 @@ def test_bad_method_settings_are_clear_errors(overrides, recipe, match):
     with pytest.raises(ConfigError, match=match):
         cfg = cfg_for(*overrides, recipe=recipe)
         build(cfg)
+
+
+@pytest.mark.parametrize("recipe,match", [
+    ("lora+full", "lora: recipe 'full' selects .* not a Linear projection of an LM decoder layer"),
+    ("moe+sa_proj", "moe: recipe 'sa_proj' selects .*MLP parts only"),
+    ("lwf+layers[7].mlp", "layer 7 out of range"),
+])
+def test_a_recipe_the_method_cannot_take_fails_before_anything_is_written(recipe, match, tmp_path, data_root,
+                                                                         tiny_checkpoints, capsys):
+    argv = ["--config", "toy-tiny", "--recipe", recipe, "--out", str(tmp_path / "r"),
+            f"base={tiny_checkpoints(QWEN)}", f"data.root={data_root}"]
+    assert run_mod.main(argv) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "r").exists()
 
 
 # -- LoRA -----------------------------------------------------------------------------------------------

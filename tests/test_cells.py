@@ -88,6 +88,14 @@ def test_analysis_writes_cells_csv(tmp_path):
     assert len(pd.read_csv(tmp_path / "out" / "cells.csv")) == 7
 
 
+def test_analysis_run_prints_the_cells(tmp_path, capsys):
+    from analysis.run import main
+    assert main(["--run-dir", str(planted(tmp_path)), "--no-probes", "--n-boot", "10", "--n-perm", "10",
+                 "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "forgetting per 2x2 cell" in out and "image-ID/text-OOD" in out and "-20.00" in out
+
+
 def test_analysis_cells_imports_no_model_code():
     code = "import sys, analysis.cells; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

@@ -49,7 +49,7 @@ from .methods import StageContext
 from .methods import build as build_method
 from .methods import label as recipe_label
 from .mixing import PREVIOUS, pool_names, stage_dataset
-from .recipes import RecipeError, resolve_spec
+from .recipes import RecipeError, model_skeleton, resolve_spec
 
 RUN_JSON = "run.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -115,6 +115,8 @@ class Plan:
         self.family = checkpoints.family_of(self.base)
         if cfg["family"] and cfg["family"] != self.family.name:
             raise RunError(f"config family {cfg['family']!r} but base {self.base} is a {self.family.name} checkpoint")
+        full = checkpoints.read_delta(self.base)[1] if checkpoints.is_delta(self.base) else self.base
+        self.method.check(model_skeleton(full))  # a recipe the method cannot take fails now, before stage 0
         if cfg["save"] == "delta" and checkpoints.is_delta(self.base):
             raise RunError(f"save: delta needs a full base checkpoint; base {self.base} is itself a delta")
         self.root = resolve_root(cfg["data"])

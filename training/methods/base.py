@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import checkpoints
-from ..recipes import AppliedRecipe, apply_recipe
+from ..recipes import AppliedRecipe, apply_recipe, plan
 
 
 @dataclass
@@ -72,6 +72,11 @@ class Method:
     def train_config(self, train_cfg: dict) -> dict:
         """The `train` settings the stage uses (LoRA has its own learning rate)."""
         return train_cfg
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse, before anything is written, a recipe this method cannot take on this architecture
+        (`model` may live on the meta device)."""
+        plan(model, self.recipe)
 
     def load(self, path: str | os.PathLike, **load_kw) -> nn.Module:
         return checkpoints.load_model(path, **load_kw)

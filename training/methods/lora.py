@@ -59,6 +59,9 @@ class LoRA(Method):
         lr = self.cfg["lora"]["lr"]
         return train_cfg if lr is None else dict(train_cfg, lr=lr)
 
+    def check(self, model):
+        target_modules(model, self.recipe)
+
     def load(self, path, **load_kw):
         if not checkpoints.is_adapter(path):
             return checkpoints.load_model(path, **load_kw)

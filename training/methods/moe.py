@@ -163,7 +163,8 @@ class MoE(Method):
             convert(model)
         return model
 
-    def select(self, model):
+    def dense_names(self, model) -> list[str]:
+        """The recipe's tensors in the un-converted model; only MLP projections are allowed."""
         with dense_view(model):
             parts = {p.name: p.part for p in catalogue(model)}
             dense = plan(model, self.recipe).trainable
@@ -171,7 +172,13 @@ class MoE(Method):
         if wrong:
             raise RecipeError(f"moe: recipe {self.recipe!r} selects {wrong[0]}; the MoE baseline trains the MLP "
                               "copy, so its recipe must select MLP parts only (mlp, mlp_gate_up, mlp_down, ...)")
-        chosen = {n.replace(".mlp.", ".mlp.experts.1.", 1) for n in dense}
+        return dense
+
+    def check(self, model):
+        self.dense_names(model)
+
+    def select(self, model):
+        chosen = {n.replace(".mlp.", ".mlp.experts.1.", 1) for n in self.dense_names(model)}
         model.requires_grad_(False)
         names, params = [], []
         for n, p in model.named_parameters():
