@@ -204,6 +204,7 @@ def run(cfg: dict, config_name: str = "run") -> Path:
     out = plan.out
     main = accelerator.is_main_process
     done = plan.completed()
+    accelerator.wait_for_everyone()  # every rank has read the run directory before rank 0 writes stage 0 into it
     if main:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".stage-*.tmp-*"):  # left by a process killed while writing a stage
