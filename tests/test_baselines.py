@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
+from analysis import forgetting_by_cell, load_run
+from probes.evaluate import main as evaluate_main
 from probes.loading import load_for_inference
 from probes.run import main as probes_main
 from training import run as run_mod
@@ -352,6 +354,12 @@ def test_each_method_runs_validates_and_probes(recipe, label_, method_runs):
         table = pd.read_parquet(d / "probes.parquet")
         assert sorted(table["stage"].unique()) == [0, 1, 2]
         assert set(table["recipe"]) == {json.loads((d / "run.json").read_text())["recipe"]}
+    # evaluation scores every stage like any run's; analysis reads it, 2x2 cells included
+    assert evaluate_main(["--ckpt-dir", str(out), "--limit", "4", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    evals = pd.read_parquet(out / "evals.parquet")
+    assert sorted(evals["stage"].unique()) == [0, 1, 2] and set(evals["recipe"]) == {label_}
+    cells = forgetting_by_cell(load_run(out))
+    assert set(cells["stage"]) == {1, 2} and (cells.query("stage == 1")["cell"] == "image-ID/text-ID").any()
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert sum("loss" in r for r in log) == 6
     if recipe.startswith("lwf"):
