@@ -18,9 +18,10 @@ A benchmark is named, and its definition comes from (later sources override earl
 
 Records: {"id", "image": path under the images root (default: the test file's folder), "conversations":
 [{"from": "human", "value": "<image>\\n question"}, {"from": "gpt", "value": "reference"}]} (JSON list or
-JSONL, read by training.data). Each (human, gpt) turn is one scored item (with the record's image, no
-history, as training uses it). References: the gpt turn, or a record's "answers" list (the ten VQA
-answers) for a one-turn record. Every reference is checked by its scorer before any model runs.
+JSONL). Each (human, gpt) turn is one scored item (with the record's image, no history, as training uses
+it). References: the gpt turn, or a record's "answers" list (the ten VQA answers) for a one-turn record.
+Every reference is checked by its scorer, and every image decoded, before any model runs; a bad record is
+an error with --strict, else skipped and counted (`load`).
 
 Split: `target` when the benchmark names a task the run trains (analysis.tables.names_task: equal, or one
 is the other plus a suffix after "_", "-", "." or " "), else `heldout`; a registry or --split value wins.
@@ -33,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis.tables import SPLITS, names_task
-from training.data import DataError, load_records, record_turns, resolve_root, resolve_task
+from training.data import DataError, record_turns, resolve_root, resolve_task
 
-from .captions import CaptionDataError, Sample, _resolve_image
+from .captions import BadLine, CaptionDataError, Sample, _is_utf8, _resolve_image, read_records
 from .scorers import SCORERS, get_scorer
 
 DEFAULT_MAX_NEW_TOKENS = 16      # benchmark answers are short: a letter, a number, a word, a time
@@ -70,6 +71,8 @@ class Item:
 class BenchmarkData:
     bench: Benchmark
     items: list[Item] = field(default_factory=list)
+    n_skipped: int = 0                 # bad records skipped (not strict)
+    first_skipped: str | None = None   # the first of them, named
 
     @property
     def samples(self) -> list[Sample]:
@@ -215,42 +218,80 @@ def resolve(names: list[str] | None, manifest: dict, local: dict[str, Benchmark]
 
 
 # -- data ------------------------------------------------------------------------------------------
-def load(bench: Benchmark, limit: int | None = None) -> BenchmarkData:
-    """The first `limit` records (all when None) as scored items; every image must exist and every
-    reference must be readable by the scorer, so bad data stops before any model runs."""
+def load(bench: Benchmark, limit: int | None = None, strict: bool = True) -> BenchmarkData:
+    """The first `limit` records (all when None) as scored items; every image must exist and decode and every
+    reference must be readable by the scorer, so bad data is found before any model runs.
+
+    A bad record (a JSONL line that is not JSON or UTF-8, text that is not UTF-8, a malformed conversation,
+    an empty answers list, a missing, unreadable or escaping image, a reference the scorer cannot read):
+    strict, an error naming it (and how many of the selected records are bad); not strict, it is skipped
+    and counted (`n_skipped`, `first_skipped`) and `limit` counts good records (the first N good ones)."""
     where = f"benchmark {bench.name!r} ({bench.test})"
     if not bench.test.is_file():
         raise BenchmarkError(f"{where}: test file does not exist (defined in {bench.source})")
     try:
-        records = load_records(bench.test, limit)
-    except DataError as e:
+        records = read_records(bench.test)
+    except CaptionDataError as e:
         raise BenchmarkError(f"benchmark {bench.name!r}: {e}") from None
+    if not records:
+        raise BenchmarkError(f"{where}: no records")
     score = get_scorer(bench.scorer)
     root = bench.images if bench.images is not None else bench.test.parent
     data = BenchmarkData(bench)
+    bad: list[str] = []
+    good = 0
     for i, r in enumerate(records):
-        rid = str(r.get("id", i))
-        turns = record_turns(r, f"{bench.test} record {i}")
-        answers = r.get("answers")
-        if answers is not None:
-            if len(turns) != 1:
-                raise BenchmarkError(f"{where}: record {rid!r} has an 'answers' list and {len(turns)} turns; "
-                                     "'answers' belongs to one-turn records")
-            if not isinstance(answers, list) or not answers or not all(isinstance(a, (str, int)) for a in answers):
-                raise BenchmarkError(f"{where}: record {rid!r}: 'answers' must be a non-empty list of strings")
-        image = None
-        if r.get("image"):
-            try:
-                image = _resolve_image(r["image"], root, rid, str(bench.test))
-            except CaptionDataError as e:
-                raise BenchmarkError(f"benchmark {bench.name!r}: {e}") from None
-        for t, (instruction, answer) in enumerate(turns):
-            refs = [str(a) for a in answers] if answers is not None else [answer]
-            try:
-                score("", refs)                 # a reference the scorer cannot read fails now
-            except ValueError as e:
-                raise BenchmarkError(f"{where}: record {rid!r}: {e}") from None
-            sid = f"{bench.name}/{rid}" + (f"#{t}" if len(turns) > 1 else "")
-            # image_ref keys the engine's encode cache: the resolved path, unique across benchmarks
-            data.items.append(Item(Sample(sid, instruction, None, image, image or ""), refs, rid, t))
+        if limit is not None and (i if strict else good) >= limit:
+            break
+        try:
+            data.items += _record_items(bench, r, i, root, score)
+            good += 1
+        except (BenchmarkError, DataError, CaptionDataError) as e:
+            msg = str(e)
+            bad.append(msg if msg.startswith("benchmark ") else f"benchmark {bench.name!r}: {msg}")
+    if bad and strict:
+        raise BenchmarkError(bad[0] if len(bad) == 1 else
+                             f"{where}: {len(bad)} bad records among those selected; the first: {bad[0]}")
+    if not data.items:
+        raise BenchmarkError(f"{where}: no usable records ({len(bad)} bad; the first: {bad[0] if bad else '-'})")
+    data.n_skipped, data.first_skipped = len(bad), (bad[0] if bad else None)
     return data
+
+
+def _record_items(bench: Benchmark, r, i: int, root: Path, score) -> list[Item]:
+    """The scored items of record i; raises (naming it) for anything that makes the record unusable."""
+    where = f"benchmark {bench.name!r} ({bench.test})"
+    if isinstance(r, BadLine):
+        raise BenchmarkError(f"{where}: {r.reason}")
+    turns = record_turns(r, f"{bench.test} record {i}")
+    rid = str(r.get("id", i))
+    answers = r.get("answers")
+    if answers is not None:
+        if len(turns) != 1:
+            raise BenchmarkError(f"{where}: record {rid!r} has an 'answers' list and {len(turns)} turns; "
+                                 "'answers' belongs to one-turn records")
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, (str, int)) for a in answers):
+            raise BenchmarkError(f"{where}: record {rid!r}: 'answers' must be a non-empty list of strings")
+    texts = [rid, *(t for turn in turns for t in turn), *(a for a in answers or [] if isinstance(a, str))]
+    if isinstance(r.get("image"), str):
+        texts.append(r["image"])
+    if not all(_is_utf8(t) for t in texts):
+        raise BenchmarkError(f"{where}: record {rid!r} has text that is not valid UTF-8")
+    image = None
+    if r.get("image"):
+        image = _resolve_image(r["image"], root, rid, str(bench.test))
+        try:
+            Sample(rid, "", None, image).open_image()     # decodes it: an unreadable image is found now
+        except CaptionDataError as e:
+            raise BenchmarkError(f"{where}: record {rid!r}: cannot read image {r['image']!r} ({e.__cause__})") from None
+    items = []
+    for t, (instruction, answer) in enumerate(turns):
+        refs = [str(a) for a in answers] if answers is not None else [answer]
+        try:
+            score("", refs)                 # a reference the scorer cannot read fails now
+        except ValueError as e:
+            raise BenchmarkError(f"{where}: record {rid!r}: {e}") from None
+        sid = f"{bench.name}/{rid}" + (f"#{t}" if len(turns) > 1 else "")
+        # image_ref keys the engine's encode cache: the resolved path, unique across benchmarks
+        items.append(Item(Sample(sid, instruction, None, image, image or ""), refs, rid, t))
+    return items

@@ -18,6 +18,7 @@ checkpoint that fails is reported and the others still run; the exit status is t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -59,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="split of the --benchmark-file benchmarks (default: target if it names a run task)")
     ap.add_argument("--registry", action="append", metavar="FILE",
                     help="YAML/JSON file defining benchmarks {name: {test, images, scorer, split, max_new_tokens}}")
-    ap.add_argument("--limit", type=int, default=None, help="score only the first N records of each benchmark")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="score only the first N records of each benchmark (the first N good ones, without --strict)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help=f"generation length limit for every benchmark (default: each benchmark's own, else "
                          f"{B.DEFAULT_MAX_NEW_TOKENS})")
@@ -72,6 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     ap.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash_attention_2", "eager"],
                     help="attention implementation on a GPU (auto: sdpa)")
+    ap.add_argument("--strict", action="store_true",
+                    help="stop on any bad benchmark record (default: skip it, count it, and report the first)")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="load pickle weights (*.bin) when a folder has no safetensors, with torch.load(weights_only=True); "
+                         "refused by default because pickle can run code")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="let a checkpoint's own Python code (config auto_map) run; off by default")
     ap.add_argument("--replace", action="store_true",
                     help="recompute rows whose checkpoint, metric or n differ from this run's instead of stopping")
     args = ap.parse_args(argv)
@@ -95,7 +104,7 @@ def load_benchmarks(args, run: RunDir) -> list[B.BenchmarkData]:
     for b in B.resolve(args.benchmarks, run.manifest, local):
         b = replace(b, split=B.split_of(b, tasks),
                     max_new_tokens=args.max_new_tokens or b.max_new_tokens or B.DEFAULT_MAX_NEW_TOKENS)
-        out.append(B.load(b, args.limit))
+        out.append(B.load(b, args.limit, strict=args.strict))
     return out
 
 
@@ -165,6 +174,11 @@ def row_for(run: RunDir, ck, d: B.BenchmarkData, score: float) -> dict:
 
 
 def main(argv=None) -> int:
+    with contextlib.ExitStack() as held:      # the run lock on the table, released however main ends
+        return _main(argv, held)
+
+
+def _main(argv, held: contextlib.ExitStack) -> int:
     args = parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -177,6 +191,7 @@ def main(argv=None) -> int:
         data = load_benchmarks(args, run)
         out_path = Path(args.out) if args.out else run.root / "evals.parquet"
         if rank == 0:
+            held.enter_context(table.RunLock(out_path, "probes.evaluate"))   # a second command on this table is refused
             plan = plan_work(args, run, data, out_path)
     except (DiscoveryError, B.BenchmarkError, CaptionDataError, table.TableError) as e:
         error = str(e)
@@ -191,6 +206,10 @@ def main(argv=None) -> int:
     for d in data:
         b = d.bench
         say(f"  {b.name}: {b.split}, {b.scorer}, {len(d.items)} items, max {b.max_new_tokens} new tokens ({b.test})")
+    skipped = [f"{d.bench.name}: skipped {d.n_skipped} bad record(s) (--strict makes this an error); the first: "
+               f"{d.first_skipped}" for d in data if d.n_skipped]
+    for line in skipped if rank == 0 else []:
+        print(f"probes.evaluate: warning: {line}", file=sys.stderr)
 
     status: dict[int, str] = {}
     cache = EncodeCache()          # the checkpoints share a processor: encode each prompt once
@@ -204,7 +223,9 @@ def main(argv=None) -> int:
             continue
         model = eng = load_error = None
         try:
-            model, processor = load_for_inference(ck.path, dtype=dtype, device=device, attn_implementation=attn)
+            model, processor = load_for_inference(ck.path, dtype=dtype, device=device, attn_implementation=attn,
+                                                  allow_pickle=args.allow_pickle,
+                                                  trust_remote_code=args.trust_remote_code)
             eng = Engine(model, processor, token_sets=(), encode_cache=cache)
         except Exception as e:  # noqa: BLE001 (reported with the checkpoint; the others still run)
             load_error = _describe(e)
@@ -252,6 +273,8 @@ def main(argv=None) -> int:
             print(f"probes.evaluate: stage {ck.stage} ({ck.path}) {status[ck.stage]}", file=sys.stderr)
         if failed:
             print(f"probes.evaluate: {len(failed)} checkpoint(s) failed; the others are in {out_path}", file=sys.stderr)
+        for line in skipped:
+            print(f"probes.evaluate: warning: {line}", file=sys.stderr)
     n_failed = broadcast(len(failed) if rank == 0 else None, rank, world)   # every rank exits alike
     if world > 1:
         import torch.distributed as dist

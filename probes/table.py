@@ -2,7 +2,9 @@
 mode), and evals.parquet, one row per (stage, benchmark).
 
 Rows are appended after every checkpoint (or benchmark), atomically (write a temporary file next to the
-table, then os.replace), under a lock file so two processes never interleave a read-modify-write. A probe
+table, then os.replace), under a lock file so two processes never interleave a read-modify-write; a
+temporary file left by a process killed while writing is removed by the next writer. A command that
+writes a table for a whole run holds `run_lock` on it, so a second one on the same table is refused. A probe
 row is "done" when the table holds (stage, checkpoint, probe, mode) with the same dataset_hash; a rerun
 skips it (evaluation's own rule is in probes.evaluate).
 
@@ -89,6 +91,51 @@ def _lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+class TableBusy(TableError):
+    """Another command is writing the same table."""
+
+
+class RunLock:
+    """Held by one command (probes.run, probes.evaluate) for as long as it writes `path`: a second command
+    on the same table is refused with the holder named. flock, so a killed holder releases it at once."""
+
+    def __init__(self, path: str | os.PathLike, command: str):
+        self.path = Path(path)
+        self.file = self.path.with_name(f".{self.path.name}.run-lock")
+        self.command = command
+        self.fh = None
+
+    def acquire(self) -> RunLock:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.file, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise TableBusy(f"{self.path} is being written by {holder}; wait for it to finish (a rerun then "
+                            "continues where it stopped), or write elsewhere with --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{self.command} (pid {os.getpid()})\n")
+        fh.flush()
+        self.fh = fh
+        return self
+
+    def release(self) -> None:
+        if self.fh is not None:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
+            self.fh = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 def append_rows(path: str | os.PathLike, rows: list[dict], *, columns: list[str] = COLUMNS,
                 dtypes: dict = _DTYPES, key: list[str] = KEY, order: list[str] | None = None,
                 what: str = "probe table") -> pd.DataFrame:
@@ -97,6 +144,9 @@ def append_rows(path: str | os.PathLike, rows: list[dict], *, columns: list[str]
     p = Path(path)
     new = pd.DataFrame(rows, columns=columns).astype(dtypes)
     with _lock(p):
+        for stale in p.parent.glob(f".{p.name}.*.tmp"):  # a writer killed mid-write (writes hold this lock)
+            with contextlib.suppress(OSError):
+                stale.unlink()
         old = read_table(p, columns, dtypes, what)
         if len(old):
             old = old[~old.set_index(key).index.isin(new.set_index(key).index)]

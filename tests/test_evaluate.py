@@ -260,6 +260,7 @@ def test_unknown_and_unscored_benchmarks_are_clear_errors(tmp_path, stage_models
 
 
 def test_bad_benchmark_data_stops_before_any_model_runs(tmp_path, stage_models, capsys, monkeypatch):
+    """With --strict; without it bad records are skipped and counted (tests/test_reliability.py)."""
     calls = plant(monkeypatch, lambda s, i: "")
     run = make_run(tmp_path, stage_models)
     d = tmp_path / "bad"
@@ -268,7 +269,7 @@ def test_bad_benchmark_data_stops_before_any_model_runs(tmp_path, stage_models, 
 
     def write(recs):
         (d / "t.json").write_text(json.dumps(recs))
-        return ["--ckpt-dir", str(run), "--benchmark-file", f"b={d / 't.json'}", "--scorer", "clock"]
+        return ["--ckpt-dir", str(run), "--benchmark-file", f"b={d / 't.json'}", "--scorer", "clock", "--strict"]
 
     def rec(i, ans, image="a.png", **kw):
         return {"id": i, "image": image, "conversations": [

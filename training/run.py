@@ -190,8 +190,9 @@ class TrainLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def run(cfg: dict, config_name: str = "run") -> Path:
-    """Run (or resume) the whole sequence; returns the run directory."""
+def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
+    """Run (or resume) the whole sequence; returns the run directory. The base is read from safetensors, with
+    no code of its own, unless `allow_pickle` (torch.load with weights_only) / `trust_remote_code`."""
     from .loop import full_state_dict, make_accelerator, train_stage
 
     accelerator = make_accelerator(cfg["train"])
@@ -214,7 +215,8 @@ def run(cfg: dict, config_name: str = "run") -> Path:
               file=sys.stderr)
     dtype = DTYPES[cfg["model"]["dtype"]]
     load_kw = dict(dtype=dtype, attn_implementation=cfg["model"]["attn_implementation"])
-    processor = checkpoints.load_processor(plan.base)
+    load_kw |= dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    processor = checkpoints.load_processor(plan.base, trust_remote_code=trust_remote_code)
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         raise RunError(f"{plan.base}: the tokenizer has no pad token")
@@ -275,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                     "baseline method: lora, lwf, wise_ft, moe, or METHOD+RECIPE (docs/baselines.md)")
     ap.add_argument("--out", help="run directory (default: the config's out, else runs/CONFIG-RECIPE)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=1e-4 tasks=[cub200]")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="read a base with only pickle weights (*.bin), via torch.load(weights_only=True)")
+    ap.add_argument("--trust-remote-code", action="store_true", help="let the base's own Python code run")
     args = ap.parse_intermixed_args(argv)  # key=value may come before or after the flags
     try:
         cfg = load_config(args.config, args.overrides)
@@ -282,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             apply(cfg, "recipe", args.recipe, "--recipe")
         if args.out:
             apply(cfg, "out", args.out, "--out")
-        out = run(cfg, resolve_path(args.config).stem)
+        out = run(cfg, resolve_path(args.config).stem, allow_pickle=args.allow_pickle,
+                  trust_remote_code=args.trust_remote_code)
     except (ConfigError, DataError, RecipeError, CheckpointError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
