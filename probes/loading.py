@@ -12,9 +12,12 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoints import (
+from training.checkpoints import (  # noqa: F401  (some are re-exported for probes' users)
+    ADAPTER_CONFIG,
     TOKENIZER_FILES,
+    adapter_base,
     has_tokenizer,
+    is_adapter,
     is_checkpoint,
     is_delta,
     load_model,
@@ -23,7 +26,6 @@ from training.checkpoints import (
 )
 from training.families import CheckpointError
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -38,28 +40,9 @@ def has_image_processor(folder: str | os.PathLike) -> bool:
         return False
 
 
-def is_adapter(path: str | os.PathLike) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
 def is_loadable(path: str | os.PathLike) -> bool:
     """A folder we can probe: full, delta or adapter."""
     return is_checkpoint(path) or is_adapter(path)
-
-
-def adapter_base(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    try:
-        name = json.loads((p / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{p / ADAPTER_CONFIG}: cannot read base_model_name_or_path ({e})") from e
-    if not name:
-        raise CheckpointError(f"{p / ADAPTER_CONFIG}: base_model_name_or_path is empty")
-    for cand in ([Path(name)] if Path(name).is_absolute() else [p / name, p.parent / name, Path(name)]):
-        if is_checkpoint(cand):
-            return Path(os.path.normpath(cand))
-    raise CheckpointError(f"{p}: its base model {name!r} (adapter_config.json) is not a local checkpoint folder; "
-                          "copy the base next to the adapter or write its local path into adapter_config.json")
 
 
 def load_for_inference(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | None = None,

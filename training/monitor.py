@@ -21,6 +21,10 @@ Drift budget (off unless `monitor.budget` is set): when |P - P_ref| > budget for
 `lower_lr` multiplies the stage's learning rates (every group, and the schedule's base values) by
 `monitor.lr_factor` and goes on (checked again at the next check).
 
+Built by training.run before stage 0 is written (what can be checked is checked then); the probe and stage
+0's values are made at the first check. Checks run inside training.loop.train_stage (hooks: start after
+accelerator.prepare, after every optimizer step, end), so a stage's `seconds` include them.
+
 The monitor never changes the training: its forward runs in eval mode under inference_mode with a forked
 RNG (the model's train mode is restored), so a run with the monitor and no budget gives bitwise the
 weights of a run without it, and a resumed run repeats the same checks and decisions. One process or DDP;
@@ -34,13 +38,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from .config import ConfigError
+
 MONITOR_FILE = "monitor.parquet"
 COLUMNS = ["run", "stage", "stage_name", "task", "step", "probe", "value", "std", "n_samples", "n_positions",
            "seconds", "lr_scale", "event", "dataset", "dataset_hash"]
 SIGNATURE_CAPTIONS = 1000        # captions the signatures are derived against (probes.run's default set)
 
 
-class MonitorError(ValueError):
+class MonitorError(ConfigError):
     """A monitor that cannot run with this config or run; the message names the key."""
 
 
@@ -82,20 +88,23 @@ def build_probe(m: dict, captions: dict | None, processor, stage0: Path, task_fi
 
 
 class DriftMonitor:
-    def __init__(self, cfg: dict, out: Path, captions: dict | None, processor, stage0: Path, tasks: list,
-                 *, main: bool = True, distributed: str = "NO", load_kw: dict | None = None, device=None):
-        m = cfg["monitor"]
-        if distributed in ("FSDP", "DEEPSPEED"):
-            raise MonitorError(f"monitor.every is set but the run is sharded ({distributed}); the monitor needs the "
-                               "whole model on each process: use DDP, or monitor.every=0")
-        self.cfg, self.out, self.main, self.run_name = m, Path(out), main, Path(out).name
+    """Built by `create`; its probe (and stage 0's values) are made at the first check, when stage 0 exists."""
+
+    def __init__(self, cfg: dict, out: Path, captions: dict | None, processor, stages: list[dict], tasks: list,
+                 *, main: bool = True, load_kw: dict | None = None, device=None):
+        self.cfg, self.out, self.main, self.run_name = cfg["monitor"], Path(out), main, Path(out).name
         self.path = self.out / MONITOR_FILE
-        self.device = device
+        self.captions, self.processor, self.stages, self.tasks = captions, processor, stages, tasks
+        self.load_kw = dict(load_kw or {}, device=device)
+        self.probe = None
+        self.stage = None
+
+    def _setup(self) -> None:
         self.probe, self.base_values, seconds, self.dataset, self.dataset_hash = build_probe(
-            m, captions, processor, stage0, {t.name: t.train for t in tasks}, dict(load_kw or {}, device=device))
+            self.cfg, self.captions, self.processor, self.out / self.stages[0]["path"],
+            {t.name: t.train for t in self.tasks}, self.load_kw)
         self.rows = self._kept_rows()
         self._add(0, "base", None, 0, self.base_values, seconds, 1.0, "")
-        self.stage = None
 
     # -- the table -----------------------------------------------------------------------------------
     def _kept_rows(self) -> list[dict]:
@@ -132,11 +141,12 @@ class DriftMonitor:
             raise
 
     # -- the stage -----------------------------------------------------------------------------------
-    def start_stage(self, stage: dict, model) -> None:
-        """Check the model the stage starts from (step 0), on the monitor's device (where training will put
-        it); rows an interrupted run left for this stage or later ones are dropped first."""
-        if self.device is not None:
-            model.to(self.device)
+    def start_stage(self, index: int, model) -> None:
+        """Check the model stage `index` starts from (step 0); rows an interrupted run left for this stage or
+        later ones are dropped first."""
+        if self.probe is None:
+            self._setup()
+        stage = self.stages[index]
         self.stage, self.lr_scale, self.stopped, self.last_step = stage, 1.0, False, None
         self.checks, self.seconds = 0, 0.0
         self.rows = [r for r in self.rows if r["stage"] < stage["index"]]
@@ -213,11 +223,26 @@ def _agree(flag: bool) -> bool:
 
 
 def create(cfg: dict, plan, out: Path, processor, accelerator, load_kw: dict) -> DriftMonitor | None:
-    """The run's monitor, or None when `monitor.every` is 0."""
-    if not cfg["monitor"]["every"]:
+    """The run's monitor, or None when `monitor.every` is 0. Checks what it can before stage 0 is written."""
+    m = cfg["monitor"]
+    if not m["every"]:
         return None
     from .data import caption_set
 
-    return DriftMonitor(cfg, out, caption_set(plan.root, cfg["probe"]), processor, out / plan.stages[0]["path"],
-                        plan.tasks, main=accelerator.is_main_process,
-                        distributed=accelerator.distributed_type.value, load_kw=load_kw, device=accelerator.device)
+    kind = accelerator.distributed_type.value
+    if kind in ("FSDP", "DEEPSPEED"):
+        raise MonitorError(f"monitor.every is set but the run is sharded ({kind}); the monitor needs the whole model "
+                           "on each process: use DDP, or monitor.every=0")
+    captions = caption_set(plan.root, cfg["probe"])
+    if not captions:
+        raise MonitorError("monitor.every is set but the run has no caption set (set probe.captions, or use a world "
+                           "data.root)")
+    known = {"number_mass", "number_max_prob", "entropy"} | ({"kl_to_base", "top1_agreement"} if m["kl"] else set())
+    if m["signatures"]:
+        from probes.signatures import set_name
+
+        known |= {f"{set_name(t.name)}_{k}" for t in plan.tasks for k in ("mass", "max_prob")}
+    if m["probe"] not in known:
+        raise MonitorError(f"monitor.probe {m['probe']!r} is not among the monitor's probes ({', '.join(sorted(known))})")
+    return DriftMonitor(cfg, out, captions, processor, plan.stages, plan.tasks, main=accelerator.is_main_process,
+                        load_kw=load_kw, device=accelerator.device)
