@@ -392,24 +392,28 @@ class Engine:
         return None
 
     def _image_features(self, samples, idx, batch: dict, image_keys: list[str]) -> torch.Tensor:
-        """The batch's image features, concatenated in image order: all from the vision cache, or (any
-        miss) computed for the whole batch as the model's forward would, and stored."""
+        """The batch's image features, concatenated in image order, from the vision cache or computed with
+        the model's own `get_image_features` (and stored). Entries are keyed by the batch's images in order:
+        the features are then bitwise those the model's forward computes for this very batch (a vision
+        batch of other images could differ in the last bit), so cached and uncached runs, and runs with
+        any number of processes, give identical numbers; LM-only stages run the same plan, so they hit."""
         vc = self.vision_cache
-        keys = [(self._vision_fp, self._proc_key, samples[i].id, samples[i].image_ref) if samples[i].image_ref
-                else None for i in idx if samples[i].image is not None]
-        got = [vc.get(k) if k is not None else None for k in keys]
-        if got and all(g is not None for g in got):
-            vc.hits += len(got)
-            return torch.cat([g.to(self.device, non_blocking=True) for g in got])
-        vc.misses += len(got)
+        images = [samples[i] for i in idx if samples[i].image is not None]
+        key = (self._vision_fp, self._proc_key, tuple((s.id, s.image_ref) for s in images)) \
+            if all(s.image_ref for s in images) else None
+        hit = vc.get(key) if key is not None else None
+        if hit is not None:
+            vc.hits += len(images)
+            return hit.to(self.device, non_blocking=True)
+        vc.misses += len(images)
         out = self.base.get_image_features(**{k: batch[k] for k in image_keys}, return_dict=True)
         feats = list(out.pooler_output if hasattr(out, "pooler_output") else out)
-        if len(feats) != len(keys):
-            raise RuntimeError(f"get_image_features gave {len(feats)} feature tensors for {len(keys)} images")
-        for k, f in zip(keys, feats):
-            if k is not None:
-                vc.put(k, f)
-        return torch.cat(feats)
+        if len(feats) != len(images):
+            raise RuntimeError(f"get_image_features gave {len(feats)} feature tensors for {len(images)} images")
+        feats = torch.cat(feats)
+        if key is not None:
+            vc.put(key, feats)
+        return feats
 
     def _lm_inputs(self, samples, idx, batch: dict, image_keys: list[str]) -> dict:
         """Keyword arguments for `self.base`: the batch itself, or (vision cache) input embeddings with the

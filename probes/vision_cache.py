@@ -5,6 +5,8 @@ an image to the same features. The engine computes a fingerprint of the vision e
 tensors (sha256 over names, dtypes, shapes and bytes, plus the vision-side config, dtype, device and
 attention implementation); features computed under one fingerprint are reused by any later checkpoint
 with the same fingerprint, so a `vision`, `projector` or `full` stage (new fingerprint) recomputes them.
+Entries hold one batch's images (the stages of a run probe the same caption plan, so they hit), which
+keeps the features bitwise those of the model's own forward on that batch.
 
 Features are the model's own `get_image_features` outputs (one tensor per image: after the projector,
 with LLaVA's row separators), placed into the input embeddings exactly as the model's forward does.
@@ -50,7 +52,8 @@ def vision_fingerprint(model: nn.Module, family) -> str:
 
 
 class VisionCache:
-    """{(vision fingerprint, processor key, sample id, image ref): features of that image}, bounded by bytes.
+    """{(vision fingerprint, processor key, the batch's (sample id, image ref) in order): the batch's image
+    features}, bounded by bytes.
 
     Features are kept on `device` (the CPU by default, so GPU memory stays for batches; they are moved to
     the model's device per batch). Counters record hits and misses for the benchmark.
