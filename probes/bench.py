@@ -7,9 +7,9 @@
 (1) the study's probe: per sample, HF `generate` with `output_scores=True`, full softmax, batch 1;
 (2) a naive per-sample teacher-forced forward with a full-vocabulary softmax at every position;
 (3) our teacher-forced engine; (4) our generation mode (batched greedy decoding, same max_new_tokens).
-Every method includes its own preprocessing (images decoded from JPEG files). (1) and (2) run on the
-first --per-sample-captions of the set (their rate does not depend on how many there are), (3) and (4) on
-all. Then the vision/encoding caches: the second checkpoint of an LM-only recipe (the attention
+Every method includes its own preprocessing (images decoded from JPEG files). (1) runs on the first
+--study-captions of the set (its rate does not depend on how many there are; it is by far the slowest),
+the others on all. Then the vision/encoding caches: the second checkpoint of an LM-only recipe (the attention
 projections changed in place) after the first. The last three lines are the speed-up ratios.
 
 Model FLOPs (GPU: utilisation against the device's dense bf16 peak) are counted with hooks, as
@@ -24,9 +24,9 @@ import datetime
 import os
 import platform
 import random
+import re
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--shape", help="a shipped 7-8B shape (probes/shapes/*.json) with random weights")
     src.add_argument("--ckpt", help="a local checkpoint folder (full, delta or adapter)")
     ap.add_argument("--family", default="qwen2_5_vl", help="tiny model's family (default qwen2_5_vl)")
-    ap.add_argument("--num-captions", type=int, help="captions for the engines (quick 64, CPU 128, GPU 512)")
-    ap.add_argument("--per-sample-captions", type=int,
-                    help="captions for the per-sample methods (1) and (2) (quick: all; GPU: 16)")
+    ap.add_argument("--num-captions", type=int, help="captions for (2), (3), (4) (quick 256, else 512)")
+    ap.add_argument("--study-captions", type=int, help="captions for the study probe (1) (GPU 16, CPU 64)")
     ap.add_argument("--batch-size", type=int, help="engine batch size (default 32; GPU 64)")
     ap.add_argument("--max-new-tokens", type=int, help="generation length for (1) and (4) (quick 32, else 256)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
@@ -82,12 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     gpu = args.device.startswith("cuda")
     if args.shape and not gpu and os.environ.get("PROBES_BENCH_ALLOW_CPU_SHAPE") != "1":
         ap.error(f"--shape {args.shape} builds a 7-8B model: it needs a GPU (no CUDA device here)")
-    args.num_captions = args.num_captions or (64 if args.quick else 512 if gpu else 128)
-    args.per_sample_captions = min(args.num_captions, args.per_sample_captions or
-                                   (16 if gpu else args.num_captions))
+    args.num_captions = args.num_captions or (256 if args.quick else 512)
+    args.study_captions = min(args.num_captions, args.study_captions or (16 if gpu else 64))
     args.batch_size = args.batch_size or (64 if gpu else 32)
     args.max_new_tokens = args.max_new_tokens or (32 if args.quick else 256)
-    for k in ("num_captions", "per_sample_captions", "batch_size", "max_new_tokens"):
+    for k in ("num_captions", "study_captions", "batch_size", "max_new_tokens"):
         if getattr(args, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be at least 1")
     return args
@@ -198,9 +196,16 @@ def _is_module(model, path) -> bool:
         return False
 
 
+def _rss_peak_kib() -> int | None:
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+    except (OSError, AttributeError):
+        return None
+
+
 class PeakMemory:
-    """Peak memory during a block: CUDA allocator peak on a GPU; on a CPU, peak RSS above the start
-    (sampled every 2 ms by a thread)."""
+    """Peak memory during a block: the CUDA allocator's peak on a GPU; on a CPU the process's peak resident
+    set (Linux VmHWM, reset through /proc/self/clear_refs, no sampling overhead)."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
@@ -213,26 +218,21 @@ class PeakMemory:
             return self
         import psutil
 
-        self.proc, self.stop = psutil.Process(), threading.Event()
-        self.base = self.peak = self.proc.memory_info().rss
-
-        def sample():
-            while not self.stop.wait(0.002):
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-        self.thread = threading.Thread(target=sample, daemon=True)
-        self.thread.start()
+        self.base = psutil.Process().memory_info().rss
+        try:
+            Path("/proc/self/clear_refs").write_text("5")     # reset the peak to the current RSS
+        except OSError:
+            pass
         return self
 
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
             self.peak_total = torch.cuda.max_memory_allocated()
-            self.extra = self.peak_total - self.base
         else:
-            self.stop.set()
-            self.thread.join()
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            self.peak_total, self.extra = self.peak, self.peak - self.base
+            peak = _rss_peak_kib()
+            self.peak_total = peak * 1024 if peak is not None else float("nan")
+        self.extra = self.peak_total - self.base
         return False
 
 
@@ -364,13 +364,13 @@ def main(argv=None) -> int:
           f"{counter.n_vis / 1e6:.2f}M, projector {counter.n_proj / 1e6:.2f}M), vocabulary {counter.n_head // counter.hidden}")
     dev_name = torch.cuda.get_device_name(torch.device(args.device)) if gpu else f"{platform.processor() or 'cpu'}"
     print(f"  device {args.device} ({dev_name}), {model.dtype}, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"torch thread(s), load average {load:.2f}; {args.num_captions} captions (per-sample methods: "
-          f"{args.per_sample_captions}), batch {args.batch_size}, max_new_tokens {args.max_new_tokens}")
+          f"torch thread(s), load average {load:.2f}; {args.num_captions} captions (study probe: "
+          f"{args.study_captions}), batch {args.batch_size}, max_new_tokens {args.max_new_tokens}")
 
     with tempfile.TemporaryDirectory(prefix="probes-bench-") as tmp:
         large = bool(args.shape or args.ckpt)
         samples = make_captions(args.num_captions, Path(tmp), args.seed, large)
-        few = samples[:args.per_sample_captions]
+        few = samples[:args.study_captions]
         kw = dict(prefetch=args.prefetch, workers=args.workers, compile=args.compile)
         probe_eng = Engine(model, processor, **kw)
         set_ids, stop_ids, pad_id = probe_eng.set_ids["number"], probe_eng.stop_ids, probe_eng.pad_id
@@ -388,8 +388,8 @@ def main(argv=None) -> int:
                     lambda: study_probe(model, processor, few, M, set_ids, stop_ids, pad_id), len(few), args.device,
                     counter),
             measure("(2) naive per-sample teacher-forced, full softmax",
-                    lambda: naive_teacher_forced(model, processor, few, set_ids, pad_id), len(few), args.device,
-                    counter),
+                    lambda: naive_teacher_forced(model, processor, samples, set_ids, pad_id), len(samples),
+                    args.device, counter),
             measure("(3) teacher-forced engine",
                     lambda: Engine(model, processor, **kw).teacher_forced(samples, B), len(samples), args.device,
                     counter),

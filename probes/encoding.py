@@ -63,6 +63,7 @@ class Encoder:
 
         self._by_replacement = (type(processor).__call__ is ProcessorMixin.__call__
                                 and type(processor).replace_image_token is not ProcessorMixin.replace_image_token)
+        self._batched = True             # until the image processor's batch layout is not patch rows + grids
         self.stats = {"full": 0, "fast": 0}
 
     def _merged_image_kwargs(self) -> dict | None:
@@ -80,6 +81,20 @@ class Encoder:
         else:
             out = self.processor(images=[image], return_tensors="pt")
         return dict(out)
+
+    def _images_many(self, images: list) -> list[dict]:
+        """Image outputs per image. Processors that lay a batch out as concatenated patch rows with a
+        (t, h, w) grid per image (Qwen2-VL) process the whole list in one call, split back by the grids:
+        their preprocessing is per image, so each part is that image's own output (and every part that
+        opens a new memo entry is compared with the processor's full call, as any image-only output is)."""
+        real = [im for im in images if im is not None]
+        parts = None
+        if self._batched and self._image_kwargs is not None and len(real) > 1:
+            out = dict(self.processor.image_processor(images=real, **self._image_kwargs))
+            parts = _split_patch_rows(out, len(real))
+            self._batched = parts is not None
+        it = iter(parts or [self._images(im) for im in real])
+        return [next(it) if im is not None else {} for im in images]
 
     def _text_key(self, images: dict):
         """What the prompt's token ids depend on besides the prompt: the placeholder's replacement text,
@@ -103,13 +118,13 @@ class Encoder:
         return self._affixes
 
     # -- the prompt part -----------------------------------------------------------------------------
-    def _prompt_part(self, image, instruction: str) -> Example:
-        """The prompt-only Example (what `encode(processor, image, instruction)` returns)."""
+    def _prompt_part(self, image, instruction: str, images: dict) -> Example:
+        """The prompt-only Example (what `encode(processor, image, instruction)` returns); `images`: this
+        image's processed outputs."""
         if not self.fast:
             self.stats["full"] += 1
             return encode(self.processor, image, instruction)
         prompt = self.prompt(instruction, image is not None)
-        images = self._images(image) if image is not None else {}
         key = (prompt, self._text_key(images))
         hit = self._text.get(key)
         if hit is None:
@@ -133,7 +148,8 @@ class Encoder:
     def encode_many(self, items: Sequence[tuple]) -> list[Example]:
         """items: (image or None, instruction, answer or None). Errors are EncodingError naming the answer."""
         with self._lock:
-            prompts = [self._prompt_part(image, instr) for image, instr, _ in items]
+            processed = self._images_many([image for image, _, _ in items]) if self.fast else [{}] * len(items)
+            prompts = [self._prompt_part(image, instr, ims) for (image, instr, _), ims in zip(items, processed)]
             with_answer = [i for i, (_, _, a) in enumerate(items) if a is not None]
             if not with_answer:
                 return prompts
@@ -166,3 +182,15 @@ def _with_answer(ex: Example, p_ids: list[int], a_ids: list[int], f_ids: list[in
     extras = {k: torch.cat([v, v.new_zeros(tail)]) for k, v in ex.token_type_ids.items()}
     return Example(torch.cat([ids, answer_ids, eot_ids]), ex.prompt_len, len(answer_ids), len(eot_ids),
                    ex.image_inputs, extras)
+
+
+def _split_patch_rows(out: dict, n: int) -> list[dict] | None:
+    """Per-image parts of a batched image-processor output laid out as concatenated patch rows plus one
+    (t, h, w) grid per image; None for any other layout."""
+    pv, grid = out.get("pixel_values"), out.get("image_grid_thw")
+    if set(out) != {"pixel_values", "image_grid_thw"} or not torch.is_tensor(pv) or not torch.is_tensor(grid) \
+            or pv.dim() != 2 or tuple(grid.shape) != (n, 3) or int(grid.prod(-1).sum()) != pv.shape[0]:
+        return None
+    rows = grid.prod(-1).tolist()
+    return [{"pixel_values": p.clone(), "image_grid_thw": grid[i:i + 1].clone()}
+            for i, p in enumerate(torch.split(pv, rows))]

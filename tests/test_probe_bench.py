@@ -21,7 +21,7 @@ RATIO_LINES = [r"speedup teacher-forced engine vs naive per-sample: \d+\.\dx",
 def test_quick_bench_runs_and_ends_with_the_three_ratios(capsys):
     threads = torch.get_num_threads()
     try:
-        rc = main(["--quick", "--num-captions", "6", "--per-sample-captions", "3", "--max-new-tokens", "3",
+        rc = main(["--quick", "--num-captions", "6", "--study-captions", "3", "--max-new-tokens", "3",
                    "--batch-size", "4"])
     finally:
         torch.set_num_threads(threads)

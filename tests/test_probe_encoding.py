@@ -47,6 +47,7 @@ def test_encoder_equals_chat_encode(name, tiny_models):
     for g, (image, instr, answer) in zip(got, its):
         assert_same(g, encode(processor, image, instr, answer))
     assert enc.fast and enc.stats["fast"] > 0 and enc.stats["full"] < len(its)
+    assert enc._batched == (name == "qwen2_5_vl")      # patch rows + grids: one image-processor call per batch
 
 
 def test_encoder_falls_back_to_the_processor_when_the_image_only_call_differs(tiny_models, monkeypatch):
@@ -54,9 +55,9 @@ def test_encoder_falls_back_to_the_processor_when_the_image_only_call_differs(ti
     goes through the full call from then on: the outputs stay exactly `encode`'s."""
     _, processor = tiny_models("qwen2_5_vl")
     enc = Encoder(processor)
-    real = enc._images
-    monkeypatch.setattr(enc, "_images", lambda image: {k: v + 1 if v.is_floating_point() else v
-                                                       for k, v in real(image).items()})
+    real = enc._images_many
+    monkeypatch.setattr(enc, "_images_many", lambda images: [{k: v + 1 if v.is_floating_point() else v
+                                                              for k, v in out.items()} for out in real(images)])
     its = items(12)
     for g, (image, instr, answer) in zip(enc.encode_many(its), its):
         assert_same(g, encode(processor, image, instr, answer))
