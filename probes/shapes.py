@@ -110,11 +110,6 @@ def build_shape(name: str, *, device: str | torch.device = "cpu", dtype: torch.d
     tokenizer = importlib.import_module(f"training.families.{fam.name}").tiny_tokenizer()
     config = shape_config(name, tokenizer)
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    prev = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)        # initialise directly in the target dtype: no fp32 copy of 8B weights
-        with torch.device(device):
-            model = fam.model_class._from_config(config, dtype=dtype, **kw)
-    finally:
-        torch.set_default_dtype(prev)
+    with torch.device(device):          # initialised in place, in `dtype` (transformers sets it for the init)
+        model = fam.model_class._from_config(config, dtype=dtype, **kw)
     return model.eval(), shape_processor(name, tokenizer)
