@@ -83,15 +83,16 @@ class Encoder:
         return dict(out)
 
     def _images_many(self, images: list) -> list[dict]:
-        """Image outputs per image. Processors that lay a batch out as concatenated patch rows with a
-        (t, h, w) grid per image (Qwen2-VL) process the whole list in one call, split back by the grids:
-        their preprocessing is per image, so each part is that image's own output (and every part that
-        opens a new memo entry is compared with the processor's full call, as any image-only output is)."""
+        """Image outputs per image. Processors whose batch layout is known process the whole list in one
+        call, split back per image: concatenated patch rows with a (t, h, w) grid per image (Qwen2-VL), or
+        anyres tiles zero-padded to the batch's largest count (LLaVA-NeXT / OneVision). Their preprocessing
+        is per image, so each part is that image's own output; every part that opens a new memo entry is
+        compared with the processor's full call, as any image-only output is."""
         real = [im for im in images if im is not None]
         parts = None
         if self._batched and self._image_kwargs is not None and len(real) > 1:
             out = dict(self.processor.image_processor(images=real, **self._image_kwargs))
-            parts = _split_patch_rows(out, len(real))
+            parts = _split_patch_rows(out, len(real)) or _split_padded_tiles(out, len(real), self.processor)
             self._batched = parts is not None
         it = iter(parts or [self._images(im) for im in real])
         return [next(it) if im is not None else {} for im in images]
@@ -194,3 +195,34 @@ def _split_patch_rows(out: dict, n: int) -> list[dict] | None:
     rows = grid.prod(-1).tolist()
     return [{"pixel_values": p.clone(), "image_grid_thw": grid[i:i + 1].clone()}
             for i, p in enumerate(torch.split(pv, rows))]
+
+
+def _split_padded_tiles(out: dict, n: int, processor) -> list[dict] | None:
+    """Per-image parts of a LLaVA-NeXT/OneVision batch: pixel_values (n, tiles, C, H, W) zero-padded on the
+    tile axis. Each image's tile count is the base tile plus its anyres grid, as the model itself counts it
+    (`image_size_to_num_patches`); the padding must be exactly zero. None for any other layout."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    pv, sizes = out.get("pixel_values"), out.get("image_sizes")
+    if not set(out) <= {"pixel_values", "image_sizes", "batch_num_images"} or not torch.is_tensor(pv) \
+            or not torch.is_tensor(sizes) or pv.dim() != 5 or pv.shape[0] != n or tuple(sizes.shape) != (n, 2):
+        return None
+    ip = processor.image_processor
+    crop, size = getattr(ip, "crop_size", None), getattr(ip, "size", None)
+    tile = (crop and crop.get("height")) or (size and (size.get("height") or size.get("shortest_edge")))
+    pinpoints = getattr(ip, "image_grid_pinpoints", None)
+    if not tile or not pinpoints:
+        return None
+    parts = []
+    for i in range(n):
+        k = image_size_to_num_patches(sizes[i].tolist(), pinpoints, tile)
+        if k > pv.shape[1] or bool(pv[i, k:].any()):
+            return None
+        part = {"pixel_values": pv[i:i + 1, :k].clone(), "image_sizes": sizes[i:i + 1].clone()}
+        if "batch_num_images" in out:
+            bni = out["batch_num_images"]
+            if not torch.is_tensor(bni) or tuple(bni.shape) != (n,) or bool((bni != 1).any()):
+                return None
+            part["batch_num_images"] = bni[i:i + 1].clone()
+        parts.append(part)
+    return parts
