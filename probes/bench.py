@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--shape", help="a shipped 7-8B shape (probes/shapes/*.json) with random weights")
     src.add_argument("--ckpt", help="a local checkpoint folder (full, delta or adapter)")
     ap.add_argument("--family", default="qwen2_5_vl", help="tiny model's family (default qwen2_5_vl)")
-    ap.add_argument("--num-captions", type=int, help="captions for (2), (3), (4) (quick 256, else 512)")
+    ap.add_argument("--num-captions", type=int, default=256, help="captions for (2), (3), (4) (default 256)")
     ap.add_argument("--study-captions", type=int, help="captions for the study probe (1) (GPU 16, CPU 64)")
     ap.add_argument("--batch-size", type=int, help="engine batch size (default 32; GPU 64)")
     ap.add_argument("--max-new-tokens", type=int, help="generation length for (1) and (4) (quick 32, else 256)")
@@ -81,7 +81,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     gpu = args.device.startswith("cuda")
     if args.shape and not gpu and os.environ.get("PROBES_BENCH_ALLOW_CPU_SHAPE") != "1":
         ap.error(f"--shape {args.shape} builds a 7-8B model: it needs a GPU (no CUDA device here)")
-    args.num_captions = args.num_captions or (256 if args.quick else 512)
     args.study_captions = min(args.num_captions, args.study_captions or (16 if gpu else 64))
     args.batch_size = args.batch_size or (64 if gpu else 32)
     args.max_new_tokens = args.max_new_tokens or (32 if args.quick else 256)
@@ -331,6 +330,14 @@ def fmt_bytes(n: float) -> str:
     return str(n)
 
 
+def cpu_name() -> str:
+    try:
+        model = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1).strip()
+    except (OSError, AttributeError):
+        model = platform.processor() or "cpu"
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def device_peak(args) -> float | None:
     if args.peak_tflops:
         return args.peak_tflops * 1e12
@@ -362,7 +369,7 @@ def main(argv=None) -> int:
     print(f"probes.bench {datetime.date.today().isoformat()} on {platform.node()}: {what}, {n_params / 1e6:.2f}M "
           f"parameters (LM {counter.n_lm / 1e6:.2f}M, output projection {counter.n_head / 1e6:.2f}M, vision "
           f"{counter.n_vis / 1e6:.2f}M, projector {counter.n_proj / 1e6:.2f}M), vocabulary {counter.n_head // counter.hidden}")
-    dev_name = torch.cuda.get_device_name(torch.device(args.device)) if gpu else f"{platform.processor() or 'cpu'}"
+    dev_name = torch.cuda.get_device_name(torch.device(args.device)) if gpu else cpu_name()
     print(f"  device {args.device} ({dev_name}), {model.dtype}, torch {torch.__version__}, {torch.get_num_threads()} "
           f"torch thread(s), load average {load:.2f}; {args.num_captions} captions (study probe: "
           f"{args.study_captions}), batch {args.batch_size}, max_new_tokens {args.max_new_tokens}")
