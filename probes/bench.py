@@ -378,9 +378,10 @@ def main(argv=None) -> int:
         large = bool(args.shape or args.ckpt)
         samples = make_captions(args.num_captions, Path(tmp), args.seed, large)
         few = samples[:args.study_captions]
-        kw = dict(prefetch=args.prefetch, workers=args.workers, compile=args.compile)
-        probe_eng = Engine(model, processor, **kw)
+        probe_eng = Engine(model, processor, prefetch=args.prefetch, workers=args.workers, compile=args.compile)
         set_ids, stop_ids, pad_id = probe_eng.set_ids["number"], probe_eng.stop_ids, probe_eng.pad_id
+        # as probes.run does: the token sets are found once per tokenizer, not per checkpoint
+        kw = dict(prefetch=args.prefetch, workers=args.workers, set_ids=probe_eng.set_ids)
 
         # warm-up (not timed): first calls, kernel selection, the once-per-process embeddings-path check
         warm = samples[:2]

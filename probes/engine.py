@@ -183,6 +183,7 @@ class EncodeCache:
     def __init__(self, max_bytes: int = 2 << 30):
         self.max_bytes, self.bytes, self.store = max_bytes, 0, {}
         self.encoders: dict[str, Encoder] = {}
+        self.plans: dict[tuple, list[list[int]]] = {}
 
     def get(self, key):
         return self.store.get(key)
@@ -380,10 +381,20 @@ class Engine:
                            chunk_elems=self.chunk_elems)
 
     def plan(self, samples: Sequence[Sample], batch_size: int, with_answer: bool) -> list[list[int]]:
-        """Batches of sample indices, longest first, so that padding is small (see `estimate_lengths`)."""
+        """Batches of sample indices, longest first, so that padding is small (see `estimate_lengths`).
+        The checkpoints of a run share the plan (kept in the encode cache), so LM-only stages also meet
+        the same batches in the vision cache."""
+        key = None
+        if self.cache is not None and all(s.image_ref or s.image is None for s in samples):
+            key = (self._proc_key, batch_size, with_answer, tuple(self._key(s, with_answer)[1:] for s in samples))
+            if key in self.cache.plans:
+                return [list(b) for b in self.cache.plans[key]]
         lengths = estimate_lengths(self.processor, samples, with_answer)
         order = sorted(range(len(samples)), key=lambda i: (-lengths[i], i))
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if key is not None:
+            self.cache.plans[key] = [list(b) for b in batches]
+        return batches
 
     # -- the multimodal forward, with cached image features -----------------------------------------
     def _rope_positions(self, batch: dict) -> torch.Tensor | None:

@@ -193,3 +193,13 @@ def test_probe_run_reuses_features_across_lm_only_stages_with_an_identical_table
     a, b = pd.read_parquet(tmp_path / "cached.parquet"), pd.read_parquet(tmp_path / "plain.parquet")
     assert len(a) == 3 * 3 * 2
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_checkpoints_sharing_an_encode_cache_share_the_plan(tiny_models, monkeypatch):
+    model, processor = tiny_models("qwen2_5_vl")
+    samples, enc = make_samples(N, seed=8), EncodeCache()
+    first = Engine(model, processor, encode_cache=enc).plan(samples, 5, True)
+    monkeypatch.setattr(engine_mod, "estimate_lengths", lambda *a: pytest.fail("planned twice"))
+    assert Engine(model, processor, encode_cache=enc).plan(samples, 5, True) == first
+    with pytest.raises(pytest.fail.Exception):                 # another batch size is another plan
+        Engine(model, processor, encode_cache=enc).plan(samples, 4, True)
