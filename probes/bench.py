@@ -215,13 +215,12 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return self
-        import psutil
-
-        self.base = psutil.Process().memory_info().rss
         try:
             Path("/proc/self/clear_refs").write_text("5")     # reset the peak to the current RSS
         except OSError:
             pass
+        peak = _rss_peak_kib()
+        self.base = peak * 1024 if peak is not None else float("nan")
         return self
 
     def __exit__(self, *exc):
