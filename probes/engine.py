@@ -215,13 +215,15 @@ def processor_key(processor) -> str:
 
 
 def default_workers(device: torch.device) -> int:
-    """Preprocessing processes: none on a CPU (the cores run the model), several beside a GPU."""
+    """Preprocessing processes: none on a CPU (the cores run the model), several beside a GPU: up to 8, at
+    most half the cores this process may share with the other ranks on its node (torchrun)."""
     import os
 
     if device.type != "cuda":
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-    return max(0, min(8, cores // 2))
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, cores // (2 * ranks)))
 
 
 # Whether the vision-cache forward (input embeddings with precomputed image features) gives the model's own
