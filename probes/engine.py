@@ -48,6 +48,10 @@ MAX_NEW_TOKENS = 256               # the study's generation length
 MASKS = ("answer_mask", "eot_mask")
 
 
+class NonFiniteLogits(ValueError):
+    """NaN or infinite logits: the message names the sample; probes.run / probes.evaluate add the checkpoint."""
+
+
 def probe_names(set_names: Iterable[str]) -> list[str]:
     names = []
     for s in set_names:
@@ -382,6 +386,14 @@ class Engine:
         return vocab_stats(hidden, self.weight, self.bias, self._sets, want_argmax=want_argmax,
                            chunk_elems=self.chunk_elems)
 
+    def _stop_on_nonfinite(self, owners: torch.Tensor, idx: list[int], samples: Sequence[Sample], what: str) -> None:
+        """Stop, naming the first sample, when any row had NaN or infinite logits (`owners`: the batch rows
+        of those rows); a number computed from them would silently poison a table."""
+        if owners.numel():
+            s = samples[idx[int(owners[0])]]
+            raise NonFiniteLogits(f"sample {s.id!r}: NaN or infinite logits ({what}, {self.dtype}); the weights "
+                                  "hold NaN/inf or the arithmetic overflows")
+
     def plan(self, samples: Sequence[Sample], batch_size: int, with_answer: bool) -> list[list[int]]:
         """Batches of sample indices, longest first, so that padding is small (see `estimate_lengths`).
         The checkpoints of a run share the plan (kept in the encode cache), so LM-only stages also meet
@@ -486,6 +498,8 @@ class Engine:
             seg = predicts.nonzero()[:, 0]
             acc = SampleAccumulator(self.probe_names, len(idx), self.device)
             acc.add(seg, probes)
+            self._stop_on_nonfinite(seg[~torch.stack([v.isfinite() for v in probes.values()]).all(0)], idx, samples,
+                                    "teacher-forced")
             for i, r in zip(idx, acc.result()):
                 out[i] = r
             bar.update()
@@ -537,8 +551,10 @@ class Engine:
             rows = torch.arange(B, device=self.device)   # active batch rows (finished rows leave)
             out_ids = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=self.device)
             acc = SampleAccumulator(self.probe_names, B, self.device) if stats else None
+            bad = torch.zeros(B, dtype=torch.bool, device=self.device)   # rows that met NaN/inf logits
             for step in range(max_new_tokens):
                 vs = self.stats(h, want_argmax=True)
+                bad[rows] |= ~(vs.lse.isfinite() & vs.entropy.isfinite())
                 tok = vs.argmax
                 out_ids[rows, step] = tok
                 if stats:
@@ -558,6 +574,7 @@ class Engine:
                     step_pos = step_pos[None].expand(3, -1, -1)
                 h = self.base(input_ids=tok[:, None], attention_mask=mask, position_ids=step_pos,
                               past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            self._stop_on_nonfinite(bad.nonzero()[:, 0], idx, samples, "generation")
             per_sample = acc.result() if stats else [{}] * B
             for j, (i, ids) in enumerate(zip(idx, out_ids.tolist())):
                 done.append((i, [t for t in ids if t >= 0], per_sample[j]))

@@ -15,6 +15,7 @@ so the table equals the one-process table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -69,6 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-vision-cache", action="store_true",
                     help="recompute image features for every checkpoint (by default checkpoints whose vision "
                          "encoder and projector are bitwise equal share them)")
+    ap.add_argument("--strict", action="store_true",
+                    help="stop on any bad caption record (default: skip it, count it, take the next good one)")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="load pickle weights (*.bin) when a folder has no safetensors, with torch.load(weights_only=True); "
+                         "refused by default because pickle can run code")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="let a checkpoint's own Python code (config auto_map) run; off by default")
     ap.add_argument("--replace", action="store_true",
                     help="replace rows computed on a different caption subset instead of stopping")
     args = ap.parse_args(argv)
@@ -129,10 +137,10 @@ def pick_device(arg: str = "auto", attn: str = "auto") -> tuple[str, torch.dtype
 # -- the work --------------------------------------------------------------------------------------
 def caption_set(args, run: RunDir):
     if args.captions:
-        return load_captions(args.captions, args.images, args.num_samples, args.sample, args.seed)
+        return load_captions(args.captions, args.images, args.num_samples, args.sample, args.seed, args.strict)
     if run.captions:
         images = args.images or run.captions.get("images")
-        return load_captions(run.captions["path"], images, args.num_samples, args.sample, args.seed)
+        return load_captions(run.captions["path"], images, args.num_samples, args.sample, args.seed, args.strict)
     raise CaptionDataError(f"no caption set: pass --captions PATH (and --images DIR); {run.root} has no run.json "
                            "naming one" if not run.manifest else
                            f"no caption set: pass --captions PATH; {run.root / 'run.json'} names none "
@@ -143,7 +151,8 @@ def probe_checkpoint(ck, processor, args, caps, modes, device, dtype, attn, set_
                      cache=None, vision_cache=None) -> dict:
     """This rank's share of every needed mode: {mode: {sample index: values}}. Raises on failure."""
     model, processor = load_for_inference(ck.path, dtype=dtype, device=device, attn_implementation=attn,
-                                          processor=processor)
+                                          processor=processor, allow_pickle=args.allow_pickle,
+                                          trust_remote_code=args.trust_remote_code)
     try:
         eng = Engine(model, processor, set_ids=set_ids, encode_cache=cache, vision_cache=vision_cache,
                      workers=getattr(args, "workers", None), compile=getattr(args, "compile", False))
@@ -202,6 +211,11 @@ def plan_work(args, run, caps, names, out_path) -> list[tuple]:
 
 
 def main(argv=None) -> int:
+    with contextlib.ExitStack() as held:      # the run lock on the table, released however main ends
+        return _main(argv, held)
+
+
+def _main(argv, held: contextlib.ExitStack) -> int:
     args = parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -215,6 +229,7 @@ def main(argv=None) -> int:
         out_path = Path(args.out) if args.out else run.root / "probes.parquet"
         names = probe_names(args.token_sets)
         if rank == 0:
+            held.enter_context(table.RunLock(out_path, "probes.run"))   # a second command on this table is refused
             plan = plan_work(args, run, caps, names, out_path)
     except (DiscoveryError, CaptionDataError, CheckpointError, table.TableError) as e:
         error = str(e)
@@ -227,6 +242,8 @@ def main(argv=None) -> int:
     say(f"probes.run: {len(run.checkpoints)} checkpoint(s) in {run.root}; captions {caps.source} "
         f"({len(caps.samples)} samples, hash {caps.hash}); modes {', '.join(MODES[args.mode])}; {device} {dtype}; "
         f"{world} process(es) -> {out_path}")
+    if rank == 0 and caps.report():
+        print(f"probes.run: warning: {caps.report()}", file=sys.stderr)
 
     status: dict[int, str] = {}
     ref = None                          # (path, fingerprint, vocabulary size) of the run's tokenizer
@@ -240,7 +257,7 @@ def main(argv=None) -> int:
             continue
         if ref is None or need:
             try:
-                processor = load_processor_for(ck.path)
+                processor = load_processor_for(ck.path, trust_remote_code=args.trust_remote_code)
                 fp = vocab_fingerprint(processor.tokenizer)    # same id -> token map = same token sets
                 if ref is None:
                     ref = (ck.path, fp, len(processor.tokenizer))
@@ -295,6 +312,8 @@ def main(argv=None) -> int:
             print(f"probes.run: stage {ck.stage} ({ck.path}) {status[ck.stage]}", file=sys.stderr)
         if failed:
             print(f"probes.run: {len(failed)} checkpoint(s) failed; the others are in {out_path}", file=sys.stderr)
+        if caps.report():
+            print(f"probes.run: warning: {caps.report()}", file=sys.stderr)
     n_failed = broadcast(len(failed) if rank == 0 else None, rank, world)   # every rank exits alike
     if world > 1:
         import torch.distributed as dist

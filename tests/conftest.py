@@ -8,7 +8,9 @@ import torch  # noqa: E402
 
 from training.families import FAMILIES  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: tiny models gain nothing from more, and OpenMP threads waiting on each other under load made
+# steps 5-28x slower on these 2-core machines.
+torch.set_num_threads(1)
 
 FAMILY_NAMES = list(FAMILIES)
 

@@ -79,3 +79,13 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
         (tmp / "ok").write_text("1")
     assert (tmp_path / "stage" / "ok").read_text() == "1"
     assert [p.name for p in tmp_path.iterdir()] == ["stage"]
+
+
+def test_processor_without_tokenizer_files_is_refused(tiny_models, tmp_path):
+    """AutoProcessor would quietly build a one-token tokenizer for such a folder."""
+    _, processor = tiny_models("qwen2_5_vl")
+    processor.save_pretrained(tmp_path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / f).unlink()
+    with pytest.raises(CheckpointError, match=f"{tmp_path}.*no tokenizer files"):
+        load_processor(tmp_path)

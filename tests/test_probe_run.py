@@ -161,7 +161,7 @@ def test_caption_problems_stop_before_anything_and_keep_the_table(tmp_path, stag
     before = (run / "probes.parquet").read_bytes()
     capsys.readouterr()
     (tmp_path / "imgs" / "002.png").unlink()
-    assert main(["--ckpt-dir", str(run), "--num-samples", "5"]) == 2
+    assert main(["--ckpt-dir", str(run), "--num-samples", "5", "--strict"]) == 2   # without: skipped (test_reliability)
     assert "record 'r2': image file" in capsys.readouterr().err
     assert main(["--ckpt-dir", str(run), "--num-samples", "50"]) == 2
     assert "asked for 50 samples but it has only 9 records" in capsys.readouterr().err
