@@ -36,6 +36,7 @@ from .drift import DriftError
 from .engine import MAX_NEW_TOKENS, EncodeCache, Engine
 from .loading import load_for_inference, load_processor_for
 from .tokensets import TOKEN_SETS, decoded_vocab, token_set, vocab_fingerprint
+from .vision_cache import VisionCache
 
 SHORT = {"teacher-forced": "tf", "generate": "gen"}
 MODES = {"teacher-forced": ("teacher-forced",), "generate": ("generate",),
@@ -65,6 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     ap.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash_attention_2", "eager"],
                     help="attention implementation on a GPU (auto: sdpa)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="image preprocessing processes (default: 0 on a CPU, up to 8 beside a GPU)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (GPUs)")
+    ap.add_argument("--no-vision-cache", action="store_true",
+                    help="recompute image features for every checkpoint (by default checkpoints whose vision "
+                         "encoder and projector are bitwise equal share them)")
     ap.add_argument("--strict", action="store_true",
                     help="stop on any bad caption record (default: skip it, count it, take the next good one)")
     ap.add_argument("--allow-pickle", action="store_true",
@@ -145,7 +152,7 @@ def caption_set(args, run: RunDir):
 
 
 def probe_checkpoint(ck, processor, args, caps, modes, device, dtype, attn, set_ids, rank, world,
-                     cache=None) -> dict:
+                     cache=None, vision_cache=None) -> dict:
     """This rank's share of every needed mode: {mode: {sample index: values}}. Raises on failure."""
     extras = getattr(args, "extras", None)          # drift and task signatures (probes.extras)
     set_ids = set_ids | extras.sig_sets if extras is not None else set_ids
@@ -153,7 +160,8 @@ def probe_checkpoint(ck, processor, args, caps, modes, device, dtype, attn, set_
                                           processor=processor, allow_pickle=args.allow_pickle,
                                           trust_remote_code=args.trust_remote_code)
     try:
-        eng = Engine(model, processor, set_ids=set_ids, encode_cache=cache)
+        eng = Engine(model, processor, set_ids=set_ids, encode_cache=cache, vision_cache=vision_cache,
+                     workers=getattr(args, "workers", None), compile=getattr(args, "compile", False))
         out = {}
         for mode in modes:
             with_answer = mode == "teacher-forced"
@@ -251,6 +259,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
     ref = None                          # (path, fingerprint, vocabulary size) of the run's tokenizer
     set_cache: dict[str, dict] = {}
     encode_cache = EncodeCache()        # the checkpoints share a processor: encode each caption once
+    vision_cache = None if args.no_vision_cache else VisionCache()   # LM-only stages share image features
     for ck, (need, clash) in tqdm(list(zip(run.checkpoints, plan)), desc="checkpoints", unit="ckpt",
                                   disable=rank != 0):
         if clash:
@@ -282,7 +291,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
                 vocab = decoded_vocab(processor.tokenizer)
                 set_cache[fp] = {s: token_set(processor.tokenizer, s, vocab) for s in args.token_sets}
             payload["values"] = probe_checkpoint(ck, processor, args, caps, need, device, dtype, attn,
-                                                 set_cache[fp], rank, world, encode_cache)
+                                                 set_cache[fp], rank, world, encode_cache, vision_cache)
         except Exception as e:  # any failure of one checkpoint: report it, keep going with the others
             payload["error"] = f"{type(e).__name__}: {e}"
             if not isinstance(e, (CheckpointError, CaptionDataError, ValueError)):
