@@ -37,6 +37,7 @@ from training.families import CheckpointError
 from . import benchmarks as B
 from . import table
 from .captions import CaptionDataError
+from .cli import add_loading_arguments
 from .discover import DiscoveryError, RunDir, discover
 from .engine import EncodeCache, Engine
 from .loading import load_for_inference
@@ -71,16 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--save-predictions", action="store_true",
                     help="also write RUN/predictions/STAGE/BENCHMARK.jsonl (id, turn, prediction, references, score)")
     ap.add_argument("--out", help="the table (default: CKPT_DIR/evals.parquet)")
-    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    ap.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash_attention_2", "eager"],
-                    help="attention implementation on a GPU (auto: sdpa)")
-    ap.add_argument("--strict", action="store_true",
-                    help="stop on any bad benchmark record (default: skip it, count it, and report the first)")
-    ap.add_argument("--allow-pickle", action="store_true",
-                    help="load pickle weights (*.bin) when a folder has no safetensors, with torch.load(weights_only=True); "
-                         "refused by default because pickle can run code")
-    ap.add_argument("--trust-remote-code", action="store_true",
-                    help="let a checkpoint's own Python code (config auto_map) run; off by default")
+    add_loading_arguments(ap, records="benchmark record")
     ap.add_argument("--replace", action="store_true",
                     help="recompute rows whose checkpoint, metric or n differ from this run's instead of stopping")
     args = ap.parse_args(argv)

@@ -51,6 +51,7 @@ from training.families import CheckpointError, family_of_model
 
 from . import table
 from .captions import CaptionDataError
+from .cli import add_loading_arguments
 from .discover import DiscoveryError, discover
 from .drift import DriftError
 from .engine import EncodeCache, Engine, SampleAccumulator
@@ -239,12 +240,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=16, help="samples per forward pass (default 16)")
     ap.add_argument("--base", help="the base checkpoint (default: the run's stage 0)")
     ap.add_argument("--out", help="the table (default: CKPT_DIR/layers.parquet)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash_attention_2", "eager"])
-    ap.add_argument("--strict", action="store_true",
-                    help="stop on any bad caption record (default: skip it, count it, take the next good one)")
-    ap.add_argument("--allow-pickle", action="store_true", help="load pickle weights (see probes.run --help)")
-    ap.add_argument("--trust-remote-code", action="store_true", help="let a checkpoint's own code run (off by default)")
+    add_loading_arguments(ap, records="caption record")
     ap.add_argument("--replace", action="store_true", help="replace rows computed on other captions or another base")
     args = ap.parse_args(argv)
     if args.batch_size < 1:

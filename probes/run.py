@@ -31,6 +31,7 @@ from training.families import CheckpointError
 from . import extras as drift_extras
 from . import table
 from .captions import CaptionDataError, load_captions
+from .cli import add_loading_arguments
 from .discover import DiscoveryError, RunDir, discover
 from .drift import DriftError
 from .engine import MAX_NEW_TOKENS, EncodeCache, Engine
@@ -63,22 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--token-sets", default="number",
                     help=f"comma-separated token sets to probe (known: {', '.join(sorted(TOKEN_SETS))})")
     ap.add_argument("--out", help="the table (default: CKPT_DIR/probes.parquet)")
-    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    ap.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash_attention_2", "eager"],
-                    help="attention implementation on a GPU (auto: sdpa)")
+    add_loading_arguments(ap, records="caption record")
     ap.add_argument("--workers", type=int, default=None,
                     help="image preprocessing processes (default: 0 on a CPU, up to 8 beside a GPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (GPUs)")
     ap.add_argument("--no-vision-cache", action="store_true",
                     help="recompute image features for every checkpoint (by default checkpoints whose vision "
                          "encoder and projector are bitwise equal share them)")
-    ap.add_argument("--strict", action="store_true",
-                    help="stop on any bad caption record (default: skip it, count it, take the next good one)")
-    ap.add_argument("--allow-pickle", action="store_true",
-                    help="load pickle weights (*.bin) when a folder has no safetensors, with torch.load(weights_only=True); "
-                         "refused by default because pickle can run code")
-    ap.add_argument("--trust-remote-code", action="store_true",
-                    help="let a checkpoint's own Python code (config auto_map) run; off by default")
     ap.add_argument("--replace", action="store_true",
                     help="replace rows computed on a different caption subset instead of stopping")
     drift_extras.add_arguments(ap)

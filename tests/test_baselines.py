@@ -37,13 +37,6 @@ VALIDATE = Path("/work/shared/tools/validate_run.py")
 QWEN = "qwen2_5_vl"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from analysis.tables import EVAL_COLUMNS, load_run
@@ -24,13 +23,6 @@ from training.families import FAMILIES
 REPO = Path(__file__).resolve().parents[1]
 VALIDATE = Path("/work/shared/tools/validate_run.py")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

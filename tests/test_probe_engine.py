@@ -29,15 +29,6 @@ WORDS = ("a red square two blue circles there are 12 small dots the clock shows 
          "stand in row of twenty chairs 3 1999 nine").split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: one thread avoids OpenMP contention on the shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_samples(n=N_SAMPLES, seed=0):
     rng = random.Random(seed)
     out = []

@@ -27,13 +27,6 @@ CAPTIONS = ["a red square and two blue circles", "there are 12 small dots", "the
             "Seventeen people stand in a row of twenty chairs", "a large purple hexagon at the top left corner"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def write_captions(root: Path, n: int = 9) -> Path:
     (root / "imgs").mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,6 @@ from .test_probe_engine import make_samples
 N = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def changed(model, name, part: str):
     """A copy of the model with one tensor of `part` (lm attention, vision encoder or projector) changed."""

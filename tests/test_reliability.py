@@ -42,13 +42,6 @@ KEY = ["stage", "probe", "mode"]
 EVAL_KEY = ["stage", "benchmark"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
