@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .cells import COLUMNS as CELL_COLUMNS
+from .cells import forgetting_by_cell
 from .drift import (
     PRIMARY_PROBE,
     correlation_table,
@@ -33,6 +35,7 @@ class Analysis:
     correlations: pd.DataFrame           # correlations.csv
     recovery: pd.DataFrame               # recovery.csv
     settings: dict = field(default_factory=dict)
+    cells: pd.DataFrame = field(default_factory=pd.DataFrame)  # cells.csv: 2x2 forgetting (runs with domains)
 
     def primary(self) -> tuple[str, str] | tuple[None, None]:
         """(probe, mode) the headline uses: number_mass (else the first probe), teacher-forced first."""
@@ -66,6 +69,8 @@ def analyze(runs, n_boot: int = 2000, n_perm: int = 2000, seed: int = 0, recover
         recovery=pd.concat([recovery_table(r, metrics[r.label], recovery_min) for r in runs], ignore_index=True),
         settings={"n_boot": n_boot, "n_perm": n_perm, "seed": seed, "recovery_min": recovery_min})
     an.correlations = correlation_table(an.points, n_boot=n_boot, n_perm=n_perm, seed=seed)
+    tagged = [forgetting_by_cell(r) for r in runs if r.manifest.get("domains")]
+    an.cells = pd.concat(tagged, ignore_index=True) if tagged else pd.DataFrame(columns=CELL_COLUMNS)
     an.summary = _summary(an)
     return an
 
@@ -118,7 +123,8 @@ def write(an: Analysis, out: Path) -> list[Path]:
     (out / "figures").mkdir(parents=True, exist_ok=True)
     written = []
     for name, table in [("metrics.csv", an.metrics_long), ("correlations.csv", an.correlations),
-                        ("recovery.csv", an.recovery), ("summary.csv", an.summary)]:
+                        ("recovery.csv", an.recovery), ("summary.csv", an.summary)] + (
+                            [("cells.csv", an.cells)] if len(an.cells) else []):
         table.to_csv(out / name, index=False)
         written.append(out / name)
     with warnings.catch_warnings():

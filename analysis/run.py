@@ -2,8 +2,8 @@
 
 Reads each run's run.json, evals.parquet and probes.parquet and writes, under --out (default RUN/analysis
 for one run; analysis/ in the runs' common folder for several): metrics.csv, correlations.csv,
-recovery.csv, summary.csv and figures/*.png. A folder without run.json stands for the runs inside it.
-Definitions: docs/metrics.md.
+recovery.csv, summary.csv, figures/*.png, and cells.csv (forgetting per 2x2 cell, for runs whose run.json has
+"domains"). A folder without run.json stands for the runs inside it. Definitions: docs/metrics.md.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import warnings
 
 import pandas as pd
 
+from .cells import cell_summary
 from .report import analyze, default_out, write
 from .tables import TableError, expand_run_dirs, load_runs
 
@@ -27,6 +28,11 @@ def _print_summary(an) -> None:
     print(f"per run (probe: {probe} {mode or ''}):" if probe else "per run (no probes):")
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3g}".format):
         print(s.to_string(index=False))
+    if len(an.cells):
+        cells = cell_summary(an.cells)
+        print("\nforgetting per 2x2 cell (mean over stages of the change each stage's tuning made, pp):")
+        with pd.option_context("display.width", 200, "display.float_format", "{:+.2f}".format):
+            print(cells.pivot(index=["run", "recipe"], columns="cell", values="mean_change_prev").to_string())
     if probe:
         c = an.correlations
         c = c[(c["probe"] == probe) & (c["mode"] == mode) & (c["group"] == "pooled")

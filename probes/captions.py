@@ -14,7 +14,15 @@ Formats (chosen by what the path is):
 Selection: the first N records (the study's choice) or N drawn at random with a seed. The hash covers
 the selected records' ids, image paths as written in the data (or the digest of embedded image bytes),
 instructions and captions, in order, so moving the data set elsewhere keeps the hash. Image paths are resolved
-under the images root and may not leave it; every selected image must exist before anything runs.
+under the images root and may not leave it; every selected image must exist and decode before anything runs.
+
+Bad records (a JSONL line that is not JSON or not UTF-8, text that is not UTF-8, an empty caption or
+instruction, a missing, unreadable or escaping image, a repeated id) are handled in one of two ways:
+- strict: the N records selected must all be good; otherwise an error with their count and the first one.
+- not strict (probes.run without --strict): bad records are skipped and counted, and the selection is the
+  first N *good* records (random: the seeded draw, each bad record replaced by further seeded draws);
+  `CaptionSet.report()` names the count and the first bad record, and the hash is of the samples used.
+A file that cannot be parsed at all (a JSON list with a syntax error, a corrupt parquet) is always an error.
 """
 from __future__ import annotations
 
@@ -35,6 +43,12 @@ CAPTION_KEYS = ("caption", "answer", "text")
 
 class CaptionDataError(ValueError):
     """Bad caption data; the message names the file and, where there is one, the record."""
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A JSONL line that is not UTF-8 or not JSON: one bad record, kept in its place."""
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,15 @@ class CaptionSet:
     name: str      # what the `dataset` column says: the file or folder name
     hash: str      # sha256 of the exact subset (hex, 16 chars)
     source: str    # the path it was read from
+    n_skipped: int = 0                 # bad records skipped to make up the selection (not strict)
+    first_skipped: str | None = None   # the first of them, named
+
+    def report(self) -> str:
+        """'' when nothing was skipped, else the count and the first bad record."""
+        if not self.n_skipped:
+            return ""
+        return (f"skipped {self.n_skipped} bad caption record(s) and used the next good ones (--strict makes "
+                f"this an error); the first: {self.first_skipped}")
 
 
 def subset_hash(samples: list[Sample]) -> str:
@@ -96,11 +119,11 @@ def subset_hash(samples: list[Sample]) -> str:
 
 # -- reading records -------------------------------------------------------------------------------
 def _read_json(path: Path) -> list[dict]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+    try:   # bytes that are not UTF-8 become lone surrogates: only the records holding them are bad
+        data = json.loads(path.read_bytes().decode("utf-8", "surrogateescape"))
     except json.JSONDecodeError as e:
         raise CaptionDataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise CaptionDataError(f"{path}: cannot read ({e})") from e
     if isinstance(data, dict):  # {"data": [...]} or {"annotations": [...]}
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -110,19 +133,22 @@ def _read_json(path: Path) -> list[dict]:
     return data
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
+def _read_jsonl(path: Path) -> list:
+    """One record per non-blank line; a line that is not UTF-8 or not JSON is a BadLine in its place."""
+    out: list = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
         raise CaptionDataError(f"{path}: cannot read ({e})") from e
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            out.append(json.loads(line))
+            out.append(json.loads(raw.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            out.append(BadLine(f"line {n} is not valid UTF-8 (byte {e.start})"))
         except json.JSONDecodeError as e:
-            raise CaptionDataError(f"{path}: malformed JSON on line {n} column {e.colno}: {e.msg}") from e
+            out.append(BadLine(f"malformed JSON on line {n} column {e.colno}: {e.msg}"))
     return out
 
 
@@ -169,6 +195,8 @@ def _first(rec: dict, keys: tuple[str, ...]):
 
 def _parse(rec: Any, index: int, where: str) -> tuple[str, str, str, Any]:
     """(id, instruction, caption, image field) from one record in either shape."""
+    if isinstance(rec, BadLine):
+        raise CaptionDataError(f"{where}: {rec.reason}")
     if not isinstance(rec, dict):
         raise CaptionDataError(f"{where}: record {index} is a {type(rec).__name__}, not an object")
     rid = str(rec.get("id", index))
@@ -190,7 +218,19 @@ def _parse(rec: Any, index: int, where: str) -> tuple[str, str, str, Any]:
         raise CaptionDataError(f"{where}: record {rid!r} has an empty caption")
     if not isinstance(instruction, str) or not instruction.strip():
         raise CaptionDataError(f"{where}: record {rid!r} has an empty instruction")
-    return rid, instruction.strip(), caption.strip(), rec.get("image")
+    image = rec.get("image")
+    for text in (rid, instruction, caption, image if isinstance(image, str) else ""):
+        if not _is_utf8(text):
+            raise CaptionDataError(f"{where}: record {rid!r} has text that is not valid UTF-8")
+    return rid, instruction.strip(), caption.strip(), image
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")        # lone surrogates (undecodable bytes, or a "\udc80" escape) fail here
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _image_ref(field: Any) -> str:
@@ -232,12 +272,14 @@ def _resolve_image(field: Any, root: Path, rid: str, where: str) -> Any:
 
 
 def load_captions(path: str | os.PathLike, images: str | os.PathLike | None = None,
-                  num_samples: int | None = None, sample: str = "first", seed: int = 0) -> CaptionSet:
+                  num_samples: int | None = None, sample: str = "first", seed: int = 0,
+                  strict: bool = True) -> CaptionSet:
     """Read, select and validate a caption set.
 
     num_samples None: the first DEFAULT_NUM_SAMPLES (or all, if fewer). An explicit number larger than the
     set is an error. `sample` is "first" (the study's choice) or "random" (seeded, without replacement).
-    Images resolve under `images` (default: the caption file's folder). Only selected records are parsed.
+    Images resolve under `images` (default: the caption file's folder). Only the records examined are parsed.
+    strict: the selected records must all be good; else bad records are skipped (see the module docstring).
     """
     path = Path(path)
     root = Path(images) if images is not None else (path if path.is_dir() else path.parent)
@@ -251,18 +293,50 @@ def load_captions(path: str | os.PathLike, images: str | os.PathLike | None = No
         raise CaptionDataError(f"{where}: asked for {num_samples} samples but it has only {len(records)} records")
     if num_samples is not None and num_samples < 1:
         raise CaptionDataError(f"{where}: --num-samples must be at least 1, not {num_samples}")
-    n = num_samples if num_samples is not None else min(DEFAULT_NUM_SAMPLES, len(records))
-    if sample == "first":
-        chosen = list(range(n))
-    elif sample == "random":
-        chosen = sorted(random.Random(seed).sample(range(len(records)), n))
-    else:
+    if sample not in ("first", "random"):
         raise ValueError(f"sample must be 'first' or 'random', not {sample!r}")
-    samples, seen = [], set()
-    for i in chosen:
+    n = num_samples if num_samples is not None else min(DEFAULT_NUM_SAMPLES, len(records))
+    seen: set[str] = set()
+
+    def check(i: int) -> Sample:
         rid, instruction, caption, field = _parse(records[i], i, where)
         if rid in seen:
             raise CaptionDataError(f"{where}: record id {rid!r} appears twice among the selected records")
+        s = Sample(rid, instruction, caption, _resolve_image(field, root, rid, where), _image_ref(field))
+        try:
+            s.open_image()      # decodes it: an unreadable image is found now, not inside a checkpoint's run
+        except CaptionDataError as e:
+            raise CaptionDataError(f"{where}: record {rid!r}: cannot read image {field!r} ({e.__cause__})") from None
         seen.add(rid)
-        samples.append(Sample(rid, instruction, caption, _resolve_image(field, root, rid, where), _image_ref(field)))
-    return CaptionSet(samples, path.name, subset_hash(samples), str(path))
+        return s
+
+    good: dict[int, Sample] = {}
+    bad: list[str] = []
+    rng = random.Random(seed)
+    batch = list(range(n)) if sample == "first" else rng.sample(range(len(records)), n)
+    examined: set[int] = set()
+    while batch:
+        examined.update(batch)
+        for i in sorted(batch):
+            try:
+                good[i] = check(i)
+            except CaptionDataError as e:
+                bad.append(str(e))
+        need = n - len(good)
+        if not bad or need <= 0 or strict:
+            break
+        if sample == "first":          # the next records in order
+            batch = list(range(max(examined) + 1, min(len(records), max(examined) + 1 + need)))
+        else:                          # further seeded draws among the records not drawn yet
+            rest = [i for i in range(len(records)) if i not in examined]
+            batch = rng.sample(rest, min(need, len(rest)))
+    if bad and strict:
+        raise CaptionDataError(f"{where}: {len(bad)} bad record(s) among the {n} selected; the first: {bad[0]}"
+                               if len(bad) > 1 else bad[0])
+    if len(good) < n and num_samples is not None:       # by default: the first 1000 good ones, or all of them
+        raise CaptionDataError(f"{where}: asked for {n} samples but only {len(good)} of its {len(records)} records "
+                               f"are usable ({len(bad)} bad; the first: {bad[0] if bad else '-'})")
+    samples = [good[i] for i in sorted(good)]
+    if not samples:
+        raise CaptionDataError(f"{where}: no usable records ({len(bad)} bad; the first: {bad[0]})")
+    return CaptionSet(samples, path.name, subset_hash(samples), str(path), len(bad), bad[0] if bad else None)

@@ -25,22 +25,31 @@ over them (the largest single token-set probability the sample shows). Across sa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from training.chat import EncodingError, answer_affixes, collate, encode
+from training.chat import EncodingError, answer_affixes, collate
 from training.families import family_of_model
 
 from .captions import CaptionDataError, Sample
+from .encoding import Encoder
 from .tokensets import decoded_vocab, token_set
+from .vision_cache import VisionCache, vision_fingerprint
 
 DEFAULT_CHUNK_ELEMS = 1 << 24      # logits held at once (64 MiB in fp32)
 MAX_NEW_TOKENS = 256               # the study's generation length
 MASKS = ("answer_mask", "eot_mask")
+
+
+class NonFiniteLogits(ValueError):
+    """NaN or infinite logits: the message names the sample; probes.run / probes.evaluate add the checkpoint."""
 
 
 def probe_names(set_names: Iterable[str]) -> list[str]:
@@ -68,6 +77,15 @@ class VocabStats:
         return out
 
 
+def logits_block(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """One block of logits, fp32: rows of `h` against a slice of the output projection (the only place
+    full-vocabulary logits are made; tests wrap it to check the block size)."""
+    z = h @ w.T
+    if b is not None:
+        z = z + b
+    return z.float()
+
+
 def vocab_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 sets: dict[str, tuple[torch.Tensor, torch.Tensor | None]], *, want_argmax: bool = False,
                 chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> VocabStats:
@@ -86,10 +104,7 @@ def vocab_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         h = hidden[r0:r0 + rows]
         m = s = t = best = best_i = None
         for c0 in range(0, V, cols):
-            z = h @ weight[c0:c0 + cols].T
-            if bias is not None:
-                z = z + bias[c0:c0 + cols]
-            z = z.float()
+            z = logits_block(h, weight[c0:c0 + cols], None if bias is None else bias[c0:c0 + cols])
             cm, ci = z.max(dim=1)
             if m is None:
                 m_new = cm
@@ -166,10 +181,13 @@ class Generation:
 class EncodeCache:
     """Encoded samples shared by the checkpoints of a run: they share one processor, so the image
     preprocessing and tokenisation (most of the time on small models) are done once. Keyed by the
-    processor's identity and the sample's content; stops storing beyond `max_bytes` of tensors."""
+    processor's identity and the sample's content; stops storing beyond `max_bytes` of tensors.
+    Also holds one memoising `Encoder` per processor key."""
 
     def __init__(self, max_bytes: int = 2 << 30):
         self.max_bytes, self.bytes, self.store = max_bytes, 0, {}
+        self.encoders: dict[str, Encoder] = {}
+        self.plans: dict[tuple, list[list[int]]] = {}
 
     def get(self, key):
         return self.store.get(key)
@@ -177,9 +195,14 @@ class EncodeCache:
     def put(self, key, ex) -> None:
         size = sum(t.nbytes for t in [ex.input_ids, *ex.image_inputs.values(), *ex.token_type_ids.values()]
                    if torch.is_tensor(t))
-        if self.bytes + size <= self.max_bytes:
+        if key not in self.store and self.bytes + size <= self.max_bytes:
             self.store[key] = ex
             self.bytes += size
+
+    def encoder(self, processor, key: str) -> Encoder:
+        if key not in self.encoders:
+            self.encoders[key] = Encoder(processor)
+        return self.encoders[key]
 
 
 def processor_key(processor) -> str:
@@ -195,15 +218,57 @@ def processor_key(processor) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
+def default_workers(device: torch.device) -> int:
+    """Preprocessing processes: none on a CPU (the cores run the model), several beside a GPU: up to 8, at
+    most half the cores this process may share with the other ranks on its node (torchrun)."""
+    import os
+
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, cores // (2 * ranks)))
+
+
+# Whether the vision-cache forward (input embeddings with precomputed image features) gives the model's own
+# hidden states, per (model class, dtype, device type, attention): checked once per process on a real batch.
+_EMBEDS_PATH_OK: dict[tuple, bool] = {}
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Planned batches for DataLoader workers: item k is batch k, encoded and collated."""
+
+    def __init__(self, prepare, batches):
+        self.prepare, self.batches = prepare, batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, k):
+        return self.prepare(self.batches[k])
+
+
 class Engine:
-    """One loaded checkpoint (model + its processor) ready to probe or generate in batches."""
+    """One loaded checkpoint (model + its processor) ready to probe or generate in batches.
+
+    Speed (none of it changes a number; the tests check each against the per-sample reference):
+    samples are encoded by a memoising `Encoder` (exactly `training.chat.encode`'s tensors); on a GPU the
+    next batches are encoded while the model runs, by `workers` DataLoader processes into pinned memory
+    (default: up to 8) or else by a thread `prefetch` batches ahead (on a CPU both default to off: the
+    preprocessing and the model share the same cores, and the benchmark measured no gain there);
+    `encode_cache` shares encodings and `vision_cache` image features across the checkpoints of a run;
+    `compile` compiles each decoder layer (for GPUs; batch and sequence shapes vary, so dynamic=True).
+    """
 
     def __init__(self, model: nn.Module, processor, *, token_sets: Sequence[str] = ("number",),
                  set_ids: dict[str, list[int]] | None = None, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-                 encode_cache: EncodeCache | None = None):
+                 encode_cache: EncodeCache | None = None, vision_cache: VisionCache | None = None,
+                 prefetch: int | None = None, workers: int | None = None, compile: bool = False):
         self.model, self.processor = model.eval(), processor
         self.cache = encode_cache
-        self._proc_key = processor_key(processor) if encode_cache is not None else None
+        self._proc_key = processor_key(processor) if (encode_cache or vision_cache) is not None else None
+        self.encoder = encode_cache.encoder(processor, self._proc_key) if encode_cache is not None \
+            else Encoder(processor)
         self.tokenizer = processor.tokenizer
         self.family = family_of_model(model)
         self.base = model.base_model              # the multimodal model without its output projection
@@ -211,38 +276,102 @@ class Engine:
         self.weight, self.bias = head.weight, getattr(head, "bias", None)
         self.device, self.dtype = self.weight.device, self.weight.dtype
         self.chunk_elems = chunk_elems
+        self.prefetch = (2 if self.device.type == "cuda" else 0) if prefetch is None else prefetch
+        self.workers = default_workers(self.device) if workers is None else workers
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         if set_ids is None:
             vocab = decoded_vocab(tok) if token_sets else []
             set_ids = {n: token_set(tok, n, vocab) for n in token_sets}
         self.set_ids = set_ids
-        self._sets = {}
-        for n, ids in set_ids.items():
-            idx = torch.tensor(ids, dtype=torch.long, device=self.device)
-            self._sets[n] = (self.weight[idx], None if self.bias is None else self.bias[idx])
+        # ids only: the rows are gathered from the live weights at every use, so an engine over a model that is
+        # being trained (training.monitor) sees its current weights
+        self._set_idx = {n: torch.tensor(ids, dtype=torch.long, device=self.device) for n, ids in set_ids.items()}
         self.probe_names = probe_names(set_ids)
         self.stop_ids = stop_token_ids(model, processor)
-        self._affixes = None
+        self.vision_cache = vision_cache
+        self.image_token_id = getattr(model.config, "image_token_id", None)
+        self._vision_fp = None
+        if vision_cache is not None and self.image_token_id is not None:
+            self._vision_fp = vision_fingerprint(model, self.family)
+        if compile:
+            compile_decoder_layers(model, self.family)
 
     # -- inputs ------------------------------------------------------------------------------------
+    def _key(self, sample: Sample, with_answer: bool):
+        return (self._proc_key, sample.id, sample.image_ref, sample.instruction,
+                sample.caption if with_answer else None)
+
+    def encode_samples(self, samples: Sequence[Sample], with_answer: bool) -> list:
+        """The Examples (`training.chat.encode`'s) for these samples: from the run's cache, else encoded."""
+        out, todo = [None] * len(samples), []
+        for j, s in enumerate(samples):
+            if with_answer and s.caption is None:
+                raise CaptionDataError(f"sample {s.id!r} has no caption to teacher-force")
+            hit = self.cache.get(self._key(s, with_answer)) if self.cache is not None else None
+            if hit is not None:
+                out[j] = hit
+            else:
+                todo.append(j)
+        if todo:
+            items = [(samples[j].open_image(), samples[j].instruction, samples[j].caption if with_answer else None)
+                     for j in todo]
+            try:
+                exs = self.encoder.encode_many(items)
+            except EncodingError:        # find and name the sample
+                for j, item in zip(todo, items):
+                    try:
+                        self.encoder.encode_many([item])
+                    except EncodingError as e:
+                        raise CaptionDataError(f"sample {samples[j].id!r}: {e}") from e
+                raise
+            for j, ex in zip(todo, exs):
+                out[j] = ex
+                if self.cache is not None and samples[j].image_ref:   # in-memory images have no stable identity
+                    self.cache.put(self._key(samples[j], with_answer), ex)
+        return out
+
     def encode(self, sample: Sample, with_answer: bool):
-        if with_answer and sample.caption is None:
-            raise CaptionDataError(f"sample {sample.id!r} has no caption to teacher-force")
-        key = (self._proc_key, sample.id, sample.image_ref, sample.instruction,
-               sample.caption if with_answer else None)
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            return hit
-        if with_answer and self._affixes is None:
-            self._affixes = answer_affixes(self.processor)
-        try:
-            ex = encode(self.processor, sample.open_image(), sample.instruction,
-                        sample.caption if with_answer else None, affixes=self._affixes)
-        except EncodingError as e:
-            raise CaptionDataError(f"sample {sample.id!r}: {e}") from e
-        if self.cache is not None and sample.image_ref:   # in-memory images have no stable identity
-            self.cache.put(key, ex)
-        return ex
+        return self.encode_samples([sample], with_answer)[0]
+
+    def _prepare(self, samples, idx, with_answer: bool, padding_side: str, pin: bool):
+        exs = self.encode_samples([samples[i] for i in idx], with_answer)
+        batch = collate(exs, self.family, self.pad_id, padding_side)
+        if pin:
+            batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+        keys = sorted({k for e in exs for k in e.image_inputs})
+        return idx, batch, keys
+
+    def stream(self, samples: Sequence[Sample], batches: list[list[int]], with_answer: bool,
+               padding_side: str) -> Iterator[tuple[list[int], dict, list[str]]]:
+        """(indices, collated CPU batch, image input keys) per planned batch, prepared ahead of use:
+        by `workers` DataLoader processes, else by one background thread `prefetch` batches ahead."""
+        cuda = self.device.type == "cuda"
+        if self.workers > 0 and len(batches) > 1:
+            from functools import partial
+
+            prep = partial(self._prepare, samples, with_answer=with_answer, padding_side=padding_side, pin=False)
+            loader = torch.utils.data.DataLoader(_Batches(prep, batches), batch_size=None, shuffle=False,
+                                                 num_workers=min(self.workers, len(batches)), pin_memory=cuda,
+                                                 prefetch_factor=2)
+            yield from loader
+            return
+        make = lambda idx: self._prepare(samples, idx, with_answer, padding_side, cuda)  # noqa: E731
+        if self.prefetch <= 0 or len(batches) <= 1:
+            yield from map(make, batches)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="probe-prefetch") as pool:
+            todo, ahead = iter(batches), deque()
+            for idx in todo:
+                ahead.append(pool.submit(make, idx))
+                if len(ahead) > self.prefetch:
+                    break
+            while ahead:
+                fut = ahead.popleft()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    ahead.append(pool.submit(make, nxt))
+                yield fut.result()
 
     def to_device(self, batch: dict) -> dict:
         out = {}
@@ -253,14 +382,102 @@ class Engine:
         return out
 
     def stats(self, hidden: torch.Tensor, want_argmax: bool = False) -> VocabStats:
-        return vocab_stats(hidden, self.weight, self.bias, self._sets, want_argmax=want_argmax,
-                           chunk_elems=self.chunk_elems)
+        sets = {n: (self.weight[i], None if self.bias is None else self.bias[i]) for n, i in self._set_idx.items()}
+        return vocab_stats(hidden, self.weight, self.bias, sets, want_argmax=want_argmax, chunk_elems=self.chunk_elems)
+
+    def _stop_on_nonfinite(self, owners: torch.Tensor, idx: list[int], samples: Sequence[Sample], what: str) -> None:
+        """Stop, naming the first sample, when any row had NaN or infinite logits (`owners`: the batch rows
+        of those rows); a number computed from them would silently poison a table."""
+        if owners.numel():
+            s = samples[idx[int(owners[0])]]
+            raise NonFiniteLogits(f"sample {s.id!r}: NaN or infinite logits ({what}, {self.dtype}); the weights "
+                                  "hold NaN/inf or the arithmetic overflows")
 
     def plan(self, samples: Sequence[Sample], batch_size: int, with_answer: bool) -> list[list[int]]:
-        """Batches of sample indices, longest first, so that padding is small (see `estimate_lengths`)."""
+        """Batches of sample indices, longest first, so that padding is small (see `estimate_lengths`).
+        The checkpoints of a run share the plan (kept in the encode cache), so LM-only stages also meet
+        the same batches in the vision cache."""
+        key = None
+        if self.cache is not None and all(s.image_ref or s.image is None for s in samples):
+            key = (self._proc_key, batch_size, with_answer, tuple(self._key(s, with_answer)[1:] for s in samples))
+            if key in self.cache.plans:
+                return [list(b) for b in self.cache.plans[key]]
         lengths = estimate_lengths(self.processor, samples, with_answer)
         order = sorted(range(len(samples)), key=lambda i: (-lengths[i], i))
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if key is not None:
+            self.cache.plans[key] = [list(b) for b in batches]
+        return batches
+
+    # -- the multimodal forward, with cached image features -----------------------------------------
+    def _rope_positions(self, batch: dict) -> torch.Tensor | None:
+        if hasattr(self.base, "get_rope_index") and batch.get("image_grid_thw") is not None:
+            return self._positions(batch)[0]
+        return None
+
+    def _image_features(self, samples, idx, batch: dict, image_keys: list[str]) -> torch.Tensor:
+        """The batch's image features, concatenated in image order, from the vision cache or computed with
+        the model's own `get_image_features` (and stored). Entries are keyed by the batch's images in order:
+        the features are then bitwise those the model's forward computes for this very batch (a vision
+        batch of other images could differ in the last bit), so cached and uncached runs, and runs with
+        any number of processes, give identical numbers; LM-only stages run the same plan, so they hit."""
+        vc = self.vision_cache
+        images = [samples[i] for i in idx if samples[i].image is not None]
+        key = (self._vision_fp, self._proc_key, tuple((s.id, s.image_ref) for s in images)) \
+            if all(s.image_ref for s in images) else None
+        hit = vc.get(key) if key is not None else None
+        if hit is not None:
+            vc.hits += len(images)
+            return hit.to(self.device, non_blocking=True)
+        vc.misses += len(images)
+        out = self.base.get_image_features(**{k: batch[k] for k in image_keys}, return_dict=True)
+        feats = list(out.pooler_output if hasattr(out, "pooler_output") else out)
+        if len(feats) != len(images):
+            raise RuntimeError(f"get_image_features gave {len(feats)} feature tensors for {len(images)} images")
+        feats = torch.cat(feats)
+        if key is not None:
+            vc.put(key, feats)
+        return feats
+
+    def _lm_inputs(self, samples, idx, batch: dict, image_keys: list[str]) -> dict:
+        """Keyword arguments for `self.base`: the batch itself, or (vision cache) input embeddings with the
+        image features scattered into the image-token positions exactly as the model's forward does."""
+        if self._vision_fp is None or not image_keys:
+            return batch
+        ids = batch["input_ids"]
+        emb = self.base.get_input_embeddings()(ids)
+        feats = self._image_features(samples, idx, batch, image_keys).to(emb.device, emb.dtype)
+        emb = emb.masked_scatter((ids == self.image_token_id)[..., None].expand_as(emb), feats)
+        pos = batch.get("position_ids")
+        pos = pos if pos is not None else self._rope_positions(batch)
+        out = {"inputs_embeds": emb, "attention_mask": batch["attention_mask"]}
+        if pos is not None:
+            out["position_ids"] = pos
+        return out
+
+    def _check_embeds_path(self, batch: dict, lm: dict) -> bool:
+        """Once per process and model class: the embeddings path gives the model's own hidden states."""
+        key = (type(self.model).__name__, self.dtype, self.device.type,
+               getattr(self.model.config, "_attn_implementation", None))
+        if key not in _EMBEDS_PATH_OK:
+            ref = self.base(**batch, use_cache=False).last_hidden_state
+            got = self.base(**lm, use_cache=False).last_hidden_state
+            tol = 1e-5 if self.dtype == torch.float32 else 2e-2
+            ok = ref.shape == got.shape and bool((ref - got).abs().max() <= tol * ref.abs().max().clamp(min=1))
+            _EMBEDS_PATH_OK[key] = ok
+            if not ok:
+                warnings.warn(f"{key[0]}: precomputed image features do not reproduce the model's forward with "
+                              "this transformers version; the vision cache is off for it", stacklevel=3)
+        return _EMBEDS_PATH_OK[key]
+
+    def forward(self, samples, idx, batch: dict, image_keys: list[str], position_ids=None, **kw) -> torch.Tensor:
+        """Last hidden states of the multimodal model for one device batch (vision cache when usable)."""
+        own = batch if position_ids is None else batch | {"position_ids": position_ids}
+        lm = self._lm_inputs(samples, idx, own, image_keys)
+        if lm is not own and not self._check_embeds_path(own, lm):
+            self._vision_fp = None
+            lm = own
+        return self.base(**lm, **kw).last_hidden_state
 
     # -- teacher-forced ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -269,20 +486,23 @@ class Engine:
         """{sample index: {probe: value, "n_positions": int}} for the given samples (or planned batches)."""
         batches = batches if batches is not None else self.plan(samples, batch_size, True)
         out: dict[int, dict] = {}
-        for idx in tqdm(batches, desc="teacher-forced", unit="batch", disable=not progress, leave=False):
-            exs = [self.encode(samples[i], True) for i in idx]
-            batch = collate(exs, self.family, self.pad_id, padding_side)
+        bar = tqdm(total=len(batches), desc="teacher-forced", unit="batch", disable=not progress, leave=False)
+        for idx, batch, image_keys in self.stream(samples, batches, True, padding_side):
             answer = batch.pop("answer_mask").to(self.device)
             batch.pop("eot_mask")
-            hidden = self.base(**self.to_device(batch), use_cache=False).last_hidden_state
+            hidden = self.forward(samples, idx, self.to_device(batch), image_keys, use_cache=False)
             predicts = torch.zeros_like(answer)
             predicts[:, :-1] = answer[:, 1:]       # position t predicts token t+1
             probes = self.stats(hidden[predicts]).probes()   # rows in (sample, position) order
             seg = predicts.nonzero()[:, 0]
             acc = SampleAccumulator(self.probe_names, len(idx), self.device)
             acc.add(seg, probes)
+            self._stop_on_nonfinite(seg[~torch.stack([v.isfinite() for v in probes.values()]).all(0)], idx, samples,
+                                    "teacher-forced")
             for i, r in zip(idx, acc.result()):
                 out[i] = r
+            bar.update()
+        bar.close()
         return out
 
     # -- generation --------------------------------------------------------------------------------
@@ -312,10 +532,9 @@ class Engine:
 
         batches = batches if batches is not None else self.plan(samples, batch_size, False)
         stop = torch.tensor(sorted(self.stop_ids), device=self.device)
-        results: dict[int, Generation] = {}
-        for idx in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
-            exs = [self.encode(samples[i], False) for i in idx]
-            batch = collate(exs, self.family, self.pad_id, padding_side)
+        done: list[tuple[int, list[int], dict]] = []     # decoded after the loop: the tokenizer stays on one thread
+        bar = tqdm(total=len(batches), desc="generate", unit="batch", disable=not progress, leave=False)
+        for idx, batch, image_keys in self.stream(samples, batches, False, padding_side):
             for k in MASKS:
                 batch.pop(k)
             batch = self.to_device(batch)
@@ -323,15 +542,18 @@ class Engine:
             mask = batch["attention_mask"]
             B, T = mask.shape
             cache = DynamicCache(config=self.model.config.get_text_config())
-            hidden = self.base(**batch, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+            hidden = self.forward(samples, idx, batch, image_keys, position_ids=pos, past_key_values=cache,
+                                  use_cache=True)
             last = torch.full((B,), T - 1, device=self.device) if padding_side == "left" else \
                 mask.long().sum(-1) - 1
             h = hidden[torch.arange(B, device=self.device), last]
             rows = torch.arange(B, device=self.device)   # active batch rows (finished rows leave)
             out_ids = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=self.device)
             acc = SampleAccumulator(self.probe_names, B, self.device) if stats else None
+            bad = torch.zeros(B, dtype=torch.bool, device=self.device)   # rows that met NaN/inf logits
             for step in range(max_new_tokens):
                 vs = self.stats(h, want_argmax=True)
+                bad[rows] |= ~(vs.lse.isfinite() & vs.entropy.isfinite())
                 tok = vs.argmax
                 out_ids[rows, step] = tok
                 if stats:
@@ -351,16 +573,28 @@ class Engine:
                     step_pos = step_pos[None].expand(3, -1, -1)
                 h = self.base(input_ids=tok[:, None], attention_mask=mask, position_ids=step_pos,
                               past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            self._stop_on_nonfinite(bad.nonzero()[:, 0], idx, samples, "generation")
             per_sample = acc.result() if stats else [{}] * B
-            stop_set = self.stop_ids
             for j, (i, ids) in enumerate(zip(idx, out_ids.tolist())):
-                ids = [t for t in ids if t >= 0]
-                g = Generation(i, ids, self.tokenizer.decode(ids, skip_special_tokens=True),
-                               bool(ids) and ids[-1] in stop_set, n_steps=len(ids))
-                if stats:
-                    g.stats = {k: v for k, v in per_sample[j].items() if k != "n_positions"}
-                results[i] = g
+                done.append((i, [t for t in ids if t >= 0], per_sample[j]))
+            bar.update()
+        bar.close()
+        results: dict[int, Generation] = {}
+        for i, ids, per in done:
+            g = Generation(i, ids, self.tokenizer.decode(ids, skip_special_tokens=True),
+                           bool(ids) and ids[-1] in self.stop_ids, n_steps=len(ids))
+            if stats:
+                g.stats = {k: v for k, v in per.items() if k != "n_positions"}
+            results[i] = g
         return [results[i] for i in sorted(results)]
+
+
+def compile_decoder_layers(model: nn.Module, family) -> None:
+    """torch.compile each LM decoder layer in place (regional compilation: one graph serves every layer;
+    dynamic shapes, since batches and sequence lengths vary). For GPUs; numerics are the layers' own up to
+    kernel fusion, which the GPU parity test bounds."""
+    for layer in model.get_submodule(family.layers):
+        layer.compile(dynamic=True)
 
 
 def stop_token_ids(model: nn.Module, processor) -> set[int]:

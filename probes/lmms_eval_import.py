@@ -11,7 +11,8 @@ PATH is that JSON or a folder holding it (the newest *results*.json below it is 
 Each task becomes one row per stage: its primary metric (the table below, --metric TASK=KEY, or else
 the first numeric metric), scaled to 0-100 (fractions x 100: every value of a task at or below 1; or
 --scale TASK=FACTOR), split "target" when the task names a task of run.json (or is given in
---target), else "heldout". Rows already in evals.parquet for other (stage, benchmark) pairs are kept.
+--target), else "heldout". Rows already in evals.parquet for other (stage, benchmark) pairs are kept; the
+table is written through probes.table.append_evals (atomic, under the lock probes.evaluate uses).
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.tables import EVAL_COLUMNS, TableError, names_task, read_manifest
+
+from .table import TableError as TableWriteError
+from .table import append_evals
 
 # Primary metric of the lmms-eval tasks the study's held-out set uses (all reported as fractions).
 PRIMARY_METRIC = {
@@ -140,15 +144,6 @@ def import_results(run_dir: Path, results: dict[str, Path], target: list[str] | 
     return table
 
 
-def merge_into(existing: Path, new: pd.DataFrame) -> pd.DataFrame:
-    """New rows replace the existing rows of the same (stage, benchmark); nothing else is dropped."""
-    if not existing.exists():
-        return new
-    old = pd.read_parquet(existing)
-    keep = ~old.set_index(["stage", "benchmark"]).index.isin(new.set_index(["stage", "benchmark"]).index)
-    return pd.concat([old[keep], new], ignore_index=True).sort_values(["stage", "benchmark"], ignore_index=True)
-
-
 def _pairs(items, what: str, cast=str) -> dict:
     out = {}
     for item in items or []:
@@ -187,14 +182,13 @@ def main(argv=None) -> int:
         table = import_results(run_dir, results, target=args.target, task_map=_pairs(args.task_map, "--task-map"),
                                metric=_pairs(args.metric, "--metric"), scale=_pairs(args.scale, "--scale", float),
                                only=set(args.only) if args.only else None)
-    except TableError as e:
+        out = Path(args.out or run_dir / "evals.parquet")
+        # new rows replace those of the same (stage, benchmark); written atomically under the table's lock,
+        # the one probes.evaluate appends under, so an import during an evaluation loses neither's rows
+        merged = append_evals(out, table.to_dict("records"))
+    except (TableError, TableWriteError) as e:
         print(f"lmms_eval_import: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out or run_dir / "evals.parquet")
-    merged = merge_into(out, table)
-    tmp = out.with_suffix(".tmp.parquet")
-    merged.to_parquet(tmp)
-    tmp.replace(out)  # a crash mid-write leaves the old table whole
     print(table.pivot(index="stage", columns="benchmark", values="score").round(1).to_string())
     print(f"imported {len(table)} rows ({table.benchmark.nunique()} benchmarks, {table.stage.nunique()} stages) "
           f"into {out} ({len(merged)} rows)")

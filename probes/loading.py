@@ -12,9 +12,12 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoints import (
+from training.checkpoints import (  # noqa: F401  (some are re-exported for probes' users)
+    ADAPTER_CONFIG,
     TOKENIZER_FILES,
+    adapter_base,
     has_tokenizer,
+    is_adapter,
     is_checkpoint,
     is_delta,
     load_model,
@@ -23,7 +26,7 @@ from training.checkpoints import (
 )
 from training.families import CheckpointError
 
-ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def has_image_processor(folder: str | os.PathLike) -> bool:
@@ -37,41 +40,28 @@ def has_image_processor(folder: str | os.PathLike) -> bool:
         return False
 
 
-def is_adapter(path: str | os.PathLike) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
 def is_loadable(path: str | os.PathLike) -> bool:
     """A folder we can probe: full, delta or adapter."""
     return is_checkpoint(path) or is_adapter(path)
 
 
-def adapter_base(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    try:
-        name = json.loads((p / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{p / ADAPTER_CONFIG}: cannot read base_model_name_or_path ({e})") from e
-    if not name:
-        raise CheckpointError(f"{p / ADAPTER_CONFIG}: base_model_name_or_path is empty")
-    for cand in ([Path(name)] if Path(name).is_absolute() else [p / name, p.parent / name, Path(name)]):
-        if is_checkpoint(cand):
-            return Path(os.path.normpath(cand))
-    raise CheckpointError(f"{p}: its base model {name!r} (adapter_config.json) is not a local checkpoint folder; "
-                          "copy the base next to the adapter or write its local path into adapter_config.json")
-
-
 def load_for_inference(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | None = None,
-                       attn_implementation: str | None = None, processor=None):
-    """(model in eval mode, processor). Errors are CheckpointError naming the folder."""
+                       attn_implementation: str | None = None, processor=None, allow_pickle: bool = False,
+                       trust_remote_code: bool = False):
+    """(model in eval mode, processor). Errors are CheckpointError naming the folder. Safetensors only and no
+    code from the folder unless `allow_pickle` (then torch.load with weights_only) / `trust_remote_code`."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint folder does not exist")
+    safety = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if is_adapter(path):
         base = adapter_base(path)
+        if not (path / ADAPTER_WEIGHTS).is_file() and not allow_pickle:
+            raise CheckpointError(f"{path}: no {ADAPTER_WEIGHTS}; pickle weights (adapter_model.bin) can run code "
+                                  "on load, so they are refused unless --allow-pickle is given")
         if processor is None:
-            processor = load_processor_for(path)
-        model = load_model(base, dtype=dtype, attn_implementation=attn_implementation)
+            processor = load_processor_for(path, trust_remote_code=trust_remote_code)
+        model = load_model(base, dtype=dtype, attn_implementation=attn_implementation, **safety)
         from peft import PeftModel
 
         try:
@@ -85,12 +75,12 @@ def load_for_inference(path: str | os.PathLike, *, dtype: torch.dtype | None = N
         raise CheckpointError(f"{path}: not a checkpoint (no config.json with weights, delta.json or "
                               f"{ADAPTER_CONFIG})")
     if processor is None:
-        processor = load_processor_for(path)
-    model = load_model(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+        processor = load_processor_for(path, trust_remote_code=trust_remote_code)
+    model = load_model(path, dtype=dtype, device=device, attn_implementation=attn_implementation, **safety)
     return model, processor
 
 
-def load_processor_for(path: str | os.PathLike):
+def load_processor_for(path: str | os.PathLike, trust_remote_code: bool = False):
     """The checkpoint's processor (tokenizer + image processor + chat template); an adapter without one uses
     its base's. Raises CheckpointError naming the folder when there is none."""
     path = Path(path)
@@ -105,7 +95,7 @@ def load_processor_for(path: str | os.PathLike):
     if not any(has_image_processor(c) for c in [source, *bases]):
         raise CheckpointError(f"{path}: no image processor (no preprocessor_config.json, and no processor_config.json "
                               "with an image_processor entry); save the processor with the checkpoint")
-    proc = load_processor(source)
+    proc = load_processor(source, trust_remote_code=trust_remote_code)
     if not hasattr(proc, "tokenizer") or not hasattr(proc, "image_processor"):
         raise CheckpointError(f"{path}: has a tokenizer but no multimodal processor (no image processor / "
                               "preprocessor_config.json); save the processor with the checkpoint")

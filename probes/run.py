@@ -15,6 +15,7 @@ so the table equals the one-process table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -27,12 +28,16 @@ from tqdm.auto import tqdm
 
 from training.families import CheckpointError
 
+from . import extras as drift_extras
 from . import table
 from .captions import CaptionDataError, load_captions
+from .cli import add_loading_arguments
 from .discover import DiscoveryError, RunDir, discover
-from .engine import MAX_NEW_TOKENS, EncodeCache, Engine, probe_names
+from .drift import DriftError
+from .engine import MAX_NEW_TOKENS, EncodeCache, Engine
 from .loading import load_for_inference, load_processor_for
 from .tokensets import TOKEN_SETS, decoded_vocab, token_set, vocab_fingerprint
+from .vision_cache import VisionCache
 
 SHORT = {"teacher-forced": "tf", "generate": "gen"}
 MODES = {"teacher-forced": ("teacher-forced",), "generate": ("generate",),
@@ -59,12 +64,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--token-sets", default="number",
                     help=f"comma-separated token sets to probe (known: {', '.join(sorted(TOKEN_SETS))})")
     ap.add_argument("--out", help="the table (default: CKPT_DIR/probes.parquet)")
-    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    ap.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash_attention_2", "eager"],
-                    help="attention implementation on a GPU (auto: sdpa)")
+    add_loading_arguments(ap, records="caption record")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="image preprocessing processes (default: 0 on a CPU, up to 8 beside a GPU)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (GPUs)")
+    ap.add_argument("--no-vision-cache", action="store_true",
+                    help="recompute image features for every checkpoint (by default checkpoints whose vision "
+                         "encoder and projector are bitwise equal share them)")
     ap.add_argument("--replace", action="store_true",
                     help="replace rows computed on a different caption subset instead of stopping")
+    drift_extras.add_arguments(ap)
     args = ap.parse_args(argv)
+    drift_extras.check_arguments(ap, args)
     if args.batch_size < 1:
         ap.error("--batch-size must be at least 1")
     if args.max_new_tokens < 1:
@@ -122,10 +133,10 @@ def pick_device(arg: str = "auto", attn: str = "auto") -> tuple[str, torch.dtype
 # -- the work --------------------------------------------------------------------------------------
 def caption_set(args, run: RunDir):
     if args.captions:
-        return load_captions(args.captions, args.images, args.num_samples, args.sample, args.seed)
+        return load_captions(args.captions, args.images, args.num_samples, args.sample, args.seed, args.strict)
     if run.captions:
         images = args.images or run.captions.get("images")
-        return load_captions(run.captions["path"], images, args.num_samples, args.sample, args.seed)
+        return load_captions(run.captions["path"], images, args.num_samples, args.sample, args.seed, args.strict)
     raise CaptionDataError(f"no caption set: pass --captions PATH (and --images DIR); {run.root} has no run.json "
                            "naming one" if not run.manifest else
                            f"no caption set: pass --captions PATH; {run.root / 'run.json'} names none "
@@ -133,17 +144,24 @@ def caption_set(args, run: RunDir):
 
 
 def probe_checkpoint(ck, processor, args, caps, modes, device, dtype, attn, set_ids, rank, world,
-                     cache=None) -> dict:
+                     cache=None, vision_cache=None) -> dict:
     """This rank's share of every needed mode: {mode: {sample index: values}}. Raises on failure."""
+    extras = getattr(args, "extras", None)          # drift and task signatures (probes.extras)
+    set_ids = set_ids | extras.sig_sets if extras is not None else set_ids
     model, processor = load_for_inference(ck.path, dtype=dtype, device=device, attn_implementation=attn,
-                                          processor=processor)
+                                          processor=processor, allow_pickle=args.allow_pickle,
+                                          trust_remote_code=args.trust_remote_code)
     try:
-        eng = Engine(model, processor, set_ids=set_ids, encode_cache=cache)
+        eng = Engine(model, processor, set_ids=set_ids, encode_cache=cache, vision_cache=vision_cache,
+                     workers=getattr(args, "workers", None), compile=getattr(args, "compile", False))
         out = {}
         for mode in modes:
             with_answer = mode == "teacher-forced"
             mine = eng.plan(caps.samples, args.batch_size, with_answer)[rank::world]
-            if with_answer:
+            if with_answer and extras is not None and extras.drift:
+                out[mode] = extras.teacher_forced(eng, caps.samples, mine, device=device, dtype=dtype, attn=attn,
+                                                  cache=cache, progress=rank == 0)
+            elif with_answer:
                 out[mode] = eng.teacher_forced(caps.samples, batches=mine, progress=rank == 0)
             else:
                 gens = eng.generate(caps.samples, max_new_tokens=args.max_new_tokens, stats=True, batches=mine,
@@ -179,9 +197,9 @@ def plan_work(args, run, caps, names, out_path) -> list[tuple]:
     for ck in run.checkpoints:
         need, clash = [], None
         for mode in MODES[args.mode]:
-            if table.done(df, ck.stage, ck.rel, mode, names, caps.hash):
+            if table.done(df, ck.stage, ck.rel, mode, names[mode], caps.hash):
                 continue
-            c = table.conflicts(df, ck.stage, ck.rel, mode, names, caps.hash)
+            c = table.conflicts(df, ck.stage, ck.rel, mode, names[mode], caps.hash)
             if len(c) and not args.replace:
                 r = c.iloc[0]
                 clash = (f"{out_path} already has {mode} rows for stage {ck.stage} computed on "
@@ -194,6 +212,11 @@ def plan_work(args, run, caps, names, out_path) -> list[tuple]:
 
 
 def main(argv=None) -> int:
+    with contextlib.ExitStack() as held:      # the run lock on the table, released however main ends
+        return _main(argv, held)
+
+
+def _main(argv, held: contextlib.ExitStack) -> int:
     args = parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -205,10 +228,12 @@ def main(argv=None) -> int:
         run = discover(args.ckpt_dir)
         caps = caption_set(args, run)
         out_path = Path(args.out) if args.out else run.root / "probes.parquet"
-        names = probe_names(args.token_sets)
+        args.extras = drift_extras.setup(args, run, caps, out_path, rank, say=print if rank == 0 else lambda *a: None)
+        names = {m: args.extras.names(args.token_sets, m) for m in MODES[args.mode]}   # per mode: drift is tf only
         if rank == 0:
+            held.enter_context(table.RunLock(out_path, "probes.run"))   # a second command on this table is refused
             plan = plan_work(args, run, caps, names, out_path)
-    except (DiscoveryError, CaptionDataError, CheckpointError, table.TableError) as e:
+    except (DiscoveryError, CaptionDataError, CheckpointError, table.TableError, DriftError) as e:
         error = str(e)
     plan, error = broadcast((plan, error) if rank == 0 else None, rank, world)
     if error is not None:
@@ -219,11 +244,14 @@ def main(argv=None) -> int:
     say(f"probes.run: {len(run.checkpoints)} checkpoint(s) in {run.root}; captions {caps.source} "
         f"({len(caps.samples)} samples, hash {caps.hash}); modes {', '.join(MODES[args.mode])}; {device} {dtype}; "
         f"{world} process(es) -> {out_path}")
+    if rank == 0 and caps.report():
+        print(f"probes.run: warning: {caps.report()}", file=sys.stderr)
 
     status: dict[int, str] = {}
     ref = None                          # (path, fingerprint, vocabulary size) of the run's tokenizer
     set_cache: dict[str, dict] = {}
     encode_cache = EncodeCache()        # the checkpoints share a processor: encode each caption once
+    vision_cache = None if args.no_vision_cache else VisionCache()   # LM-only stages share image features
     for ck, (need, clash) in tqdm(list(zip(run.checkpoints, plan)), desc="checkpoints", unit="ckpt",
                                   disable=rank != 0):
         if clash:
@@ -231,7 +259,7 @@ def main(argv=None) -> int:
             continue
         if ref is None or need:
             try:
-                processor = load_processor_for(ck.path)
+                processor = load_processor_for(ck.path, trust_remote_code=args.trust_remote_code)
                 fp = vocab_fingerprint(processor.tokenizer)    # same id -> token map = same token sets
                 if ref is None:
                     ref = (ck.path, fp, len(processor.tokenizer))
@@ -255,7 +283,7 @@ def main(argv=None) -> int:
                 vocab = decoded_vocab(processor.tokenizer)
                 set_cache[fp] = {s: token_set(processor.tokenizer, s, vocab) for s in args.token_sets}
             payload["values"] = probe_checkpoint(ck, processor, args, caps, need, device, dtype, attn,
-                                                 set_cache[fp], rank, world, encode_cache)
+                                                 set_cache[fp], rank, world, encode_cache, vision_cache)
         except Exception as e:  # any failure of one checkpoint: report it, keep going with the others
             payload["error"] = f"{type(e).__name__}: {e}"
             if not isinstance(e, (CheckpointError, CaptionDataError, ValueError)):
@@ -273,7 +301,7 @@ def main(argv=None) -> int:
                 merged = {}
                 for p in parts:
                     merged.update(p["values"][mode])
-                rows += rows_for(run, ck, mode, merged, names, caps)
+                rows += rows_for(run, ck, mode, merged, names[mode], caps)
             table.append_rows(out_path, rows)
             status[ck.stage] = "done"
         except Exception as e:
@@ -286,6 +314,8 @@ def main(argv=None) -> int:
             print(f"probes.run: stage {ck.stage} ({ck.path}) {status[ck.stage]}", file=sys.stderr)
         if failed:
             print(f"probes.run: {len(failed)} checkpoint(s) failed; the others are in {out_path}", file=sys.stderr)
+        if caps.report():
+            print(f"probes.run: warning: {caps.report()}", file=sys.stderr)
     n_failed = broadcast(len(failed) if rank == 0 else None, rank, world)   # every rank exits alike
     if world > 1:
         import torch.distributed as dist

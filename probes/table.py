@@ -1,8 +1,12 @@
-"""probes.parquet: one row per (stage, probe, mode), columns fixed by DESIGN.md.
+"""The run tables `probes` writes, columns fixed by DESIGN.md: probes.parquet, one row per (stage, probe,
+mode), and evals.parquet, one row per (stage, benchmark).
 
-Rows are appended after every checkpoint, atomically (write a temporary file next to the table, then
-os.replace), under a lock file so two processes never interleave a read-modify-write. A row is "done" when
-the table holds (stage, checkpoint, probe, mode) with the same dataset_hash; a rerun skips it.
+Rows are appended after every checkpoint (or benchmark), atomically (write a temporary file next to the
+table, then os.replace), under a lock file so two processes never interleave a read-modify-write; a
+temporary file left by a process killed while writing is removed by the next writer. A command that
+writes a table for a whole run holds `run_lock` on it, so a second one on the same table is refused. A probe
+row is "done" when the table holds (stage, checkpoint, probe, mode) with the same dataset_hash; a rerun
+skips it (evaluation's own rule is in probes.evaluate).
 
 Statistics over samples (`summarize`): mean; std = sample standard deviation (ddof 1; 0 for one sample);
 95% confidence interval of the mean, mean +- t_{0.975, n-1} * std / sqrt(n) (Student t, which is the
@@ -25,6 +29,12 @@ COLUMNS = ["run", "stage", "stage_name", "task", "recipe", "checkpoint", "probe"
            "ci_low", "ci_high", "n_samples", "n_positions", "dataset", "dataset_hash"]
 _DTYPES = {"stage": "int64", "n_samples": "int64", "n_positions": "int64", "mean": "float64", "std": "float64",
            "ci_low": "float64", "ci_high": "float64"}
+KEY = ["stage", "probe", "mode"]
+EVAL_COLUMNS = ["run", "stage", "stage_name", "task", "recipe", "checkpoint", "benchmark", "split", "metric",
+                "score", "n"]     # = analysis.tables.EVAL_COLUMNS (a test keeps them equal)
+# n is nullable: lmms-eval results (probes.lmms_eval_import) do not always say how many samples they scored
+_EVAL_DTYPES = {"stage": "int64", "score": "float64", "n": "Int64"}
+EVAL_KEY = ["stage", "benchmark"]
 
 
 class TableError(ValueError):
@@ -46,23 +56,28 @@ def summarize(values: Iterable[float]) -> dict:
     return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n_samples": n}
 
 
-def empty() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=_DTYPES.get(c, "object")) for c in COLUMNS})
+def empty(columns: list[str] = COLUMNS, dtypes: dict = _DTYPES) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, "object")) for c in columns})
 
 
-def read_table(path: str | os.PathLike) -> pd.DataFrame:
+def read_table(path: str | os.PathLike, columns: list[str] = COLUMNS, dtypes: dict = _DTYPES,
+               what: str = "probe table") -> pd.DataFrame:
     p = Path(path)
     if not p.exists():
-        return empty()
+        return empty(columns, dtypes)
     try:
         df = pd.read_parquet(p)
     except Exception as e:  # pyarrow's errors for a truncated or foreign file
-        raise TableError(f"{p}: cannot read the existing probe table ({e}); move it away to start a new one "
+        raise TableError(f"{p}: cannot read the existing {what} ({e}); move it away to start a new one "
                          "(it is never overwritten)") from e
-    missing = [c for c in COLUMNS if c not in df.columns]
+    missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise TableError(f"{p}: not a probe table (lacks columns {missing}); it is never overwritten")
+        raise TableError(f"{p}: not a {what} (lacks columns {missing}); it is never overwritten")
     return df
+
+
+def read_evals(path: str | os.PathLike) -> pd.DataFrame:
+    return read_table(path, EVAL_COLUMNS, _EVAL_DTYPES, "evaluation table")
 
 
 @contextlib.contextmanager
@@ -76,18 +91,67 @@ def _lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def append_rows(path: str | os.PathLike, rows: list[dict]) -> pd.DataFrame:
-    """Add `rows` (replacing rows with the same stage, probe and mode) and write the table atomically."""
+class TableBusy(TableError):
+    """Another command is writing the same table."""
+
+
+class RunLock:
+    """Held by one command (probes.run, probes.evaluate) for as long as it writes `path`: a second command
+    on the same table is refused with the holder named. flock, so a killed holder releases it at once."""
+
+    def __init__(self, path: str | os.PathLike, command: str):
+        self.path = Path(path)
+        self.file = self.path.with_name(f".{self.path.name}.run-lock")
+        self.command = command
+        self.fh = None
+
+    def acquire(self) -> RunLock:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.file, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise TableBusy(f"{self.path} is being written by {holder}; wait for it to finish (a rerun then "
+                            "continues where it stopped), or write elsewhere with --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{self.command} (pid {os.getpid()})\n")
+        fh.flush()
+        self.fh = fh
+        return self
+
+    def release(self) -> None:
+        if self.fh is not None:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
+            self.fh = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def append_rows(path: str | os.PathLike, rows: list[dict], *, columns: list[str] = COLUMNS,
+                dtypes: dict = _DTYPES, key: list[str] = KEY, order: list[str] | None = None,
+                what: str = "probe table") -> pd.DataFrame:
+    """Add `rows` (replacing rows with the same key: stage, probe and mode by default) and write the table
+    atomically, under the table's lock. Rows of other keys, and columns beyond `columns`, are kept."""
     p = Path(path)
-    new = pd.DataFrame(rows, columns=COLUMNS).astype(_DTYPES)
+    new = pd.DataFrame(rows, columns=columns).astype(dtypes)
     with _lock(p):
-        old = read_table(p)
+        for stale in p.parent.glob(f".{p.name}.*.tmp"):  # a writer killed mid-write (writes hold this lock)
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        old = read_table(p, columns, dtypes, what)
         if len(old):
-            replaced = old.set_index(["stage", "probe", "mode"]).index.isin(
-                new.set_index(["stage", "probe", "mode"]).index)
-            old = old[~replaced]
-        df = pd.concat([old, new], ignore_index=True) if len(old) else new
-        df = df.sort_values(["stage", "mode", "probe"], kind="stable").reset_index(drop=True)
+            old = old[~old.set_index(key).index.isin(new.set_index(key).index)]
+        df = pd.concat([old.astype(dtypes), new], ignore_index=True) if len(old) else new
+        df = df.sort_values(order or ["stage", "mode", "probe"], kind="stable").reset_index(drop=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
         os.close(fd)
         try:
@@ -98,6 +162,12 @@ def append_rows(path: str | os.PathLike, rows: list[dict]) -> pd.DataFrame:
                 os.unlink(tmp)
             raise
     return df
+
+
+def append_evals(path: str | os.PathLike, rows: list[dict]) -> pd.DataFrame:
+    """evals.parquet: add rows, replacing those of the same (stage, benchmark)."""
+    return append_rows(path, rows, columns=EVAL_COLUMNS, dtypes=_EVAL_DTYPES, key=EVAL_KEY,
+                       order=["stage", "split", "benchmark"], what="evaluation table")
 
 
 def done(df: pd.DataFrame, stage: int, checkpoint: str, mode: str, probes: Iterable[str], dataset_hash: str) -> bool:

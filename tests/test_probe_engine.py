@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from probes.captions import Sample
-from probes.engine import Engine, vocab_stats
+from probes.engine import EncodeCache, Engine, vocab_stats
+from probes.vision_cache import VisionCache
 from training.chat import collate, encode
 from training.families import FAMILIES
 
@@ -28,15 +29,6 @@ WORDS = ("a red square two blue circles there are 12 small dots the clock shows 
          "stand in row of twenty chairs 3 1999 nine").split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: one thread avoids OpenMP contention on the shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_samples(n=N_SAMPLES, seed=0):
     rng = random.Random(seed)
     out = []
@@ -44,7 +36,7 @@ def make_samples(n=N_SAMPLES, seed=0):
         caption = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 14)))
         image = Image.new("RGB", (rng.randint(12, 80), rng.randint(12, 80)), tuple(rng.randrange(256) for _ in "rgb"))
         instr = rng.choice(["Describe the image.", "What is in the picture?", "Describe the image briefly."])
-        out.append(Sample(f"s{i}", instr, caption, image))
+        out.append(Sample(f"s{i}", instr, caption, image, f"mem-{seed}-{i}"))   # a stable identity for the caches
     return out
 
 
@@ -154,6 +146,26 @@ def test_generation_matches_uncached_per_sample_reference(name, batch_size, side
         assert max_diff(g.stats, r) < TOL, (samples[g.index].id, g.stats, r)
     lengths = {len(t) for t, _ in ref}
     assert len(lengths) > 2 and MAX_NEW in lengths, f"the planted EOS should stop rows at different steps: {lengths}"
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_every_optimisation_on_matches_the_references(name, side, setup):
+    """Encode and vision caches shared by two engines (the second one reads every image's features and
+    every encoding from them), a prefetch thread, row- and vocabulary-chunked statistics: both modes still
+    agree with the per-sample references."""
+    samples, model, processor, tf_ref, gen_ref = setup(name)
+    enc, vis = EncodeCache(), VisionCache()
+    for _ in range(2):
+        eng = Engine(model, processor, chunk_elems=300, encode_cache=enc, vision_cache=vis, prefetch=2)
+        got = eng.teacher_forced(samples, 7, padding_side=side)
+        for i, r in enumerate(tf_ref):
+            assert got[i]["n_positions"] == r["n_positions"] and max_diff(got[i], r) < TOL, samples[i].id
+        gens = eng.generate(samples, 7, max_new_tokens=MAX_NEW, stats=True, padding_side=side)
+        for g, (tokens, r) in zip(gens, gen_ref):
+            assert g.token_ids == tokens and max_diff(g.stats, r) < TOL, samples[g.index].id
+    n = len(samples)         # first engine: all features computed; second: all read from the cache
+    assert (vis.misses, vis.hits) == (2 * n, 2 * n) and len(enc.store) == 2 * n
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)

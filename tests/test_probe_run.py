@@ -27,13 +27,6 @@ CAPTIONS = ["a red square and two blue circles", "there are 12 small dots", "the
             "Seventeen people stand in a row of twenty chairs", "a large purple hexagon at the top left corner"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def write_captions(root: Path, n: int = 9) -> Path:
     (root / "imgs").mkdir(parents=True, exist_ok=True)
@@ -161,7 +154,7 @@ def test_caption_problems_stop_before_anything_and_keep_the_table(tmp_path, stag
     before = (run / "probes.parquet").read_bytes()
     capsys.readouterr()
     (tmp_path / "imgs" / "002.png").unlink()
-    assert main(["--ckpt-dir", str(run), "--num-samples", "5"]) == 2
+    assert main(["--ckpt-dir", str(run), "--num-samples", "5", "--strict"]) == 2   # without: skipped (test_reliability)
     assert "record 'r2': image file" in capsys.readouterr().err
     assert main(["--ckpt-dir", str(run), "--num-samples", "50"]) == 2
     assert "asked for 50 samples but it has only 9 records" in capsys.readouterr().err

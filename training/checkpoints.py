@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from .families import CheckpointError, Family, check_checkpoint_folder, family_o
 DELTA_JSON = "delta.json"
 DELTA_WEIGHTS = "delta.safetensors"
 DELTA_FORMAT = "lmm-drift-delta"
+ADAPTER_CONFIG = "adapter_config.json"
 # Files that hold a vocabulary; without one, AutoProcessor quietly builds an empty tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
@@ -75,17 +76,22 @@ def atomic_dir(path: str | os.PathLike) -> _AtomicDir:
     return _AtomicDir(path)
 
 
-def save_full(model: nn.Module, processor, path: str | os.PathLike, state_dict: dict | None = None) -> Path:
-    """`state_dict`: the full weights where the model's own are sharded (FSDP, ZeRO-3), gathered by the caller."""
+def save_full(model: nn.Module, processor, path: str | os.PathLike, state_dict: dict | None = None,
+              extra: Callable[[Path], None] | None = None) -> Path:
+    """`state_dict`: the full weights where the model's own are sharded (FSDP, ZeRO-3), gathered by the caller.
+    `extra(folder)` writes more files into the folder before it is renamed into place (e.g. moe.json)."""
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if processor is not None:
             processor.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
     return Path(path)
 
 
 def save_delta(model: nn.Module, processor, path: str | os.PathLike, base: str | os.PathLike,
-               names: Iterable[str], family: Family, state_dict: dict | None = None) -> Path:
+               names: Iterable[str], family: Family, state_dict: dict | None = None,
+               extra: Callable[[Path], None] | None = None) -> Path:
     """Save only `names` (parameter names) of `model` (or of `state_dict`, the gathered full weights of a
     sharded model), naming `base` (a full checkpoint folder). No names: a delta equal to its base."""
     path, base = Path(path), Path(base)
@@ -101,6 +107,8 @@ def save_delta(model: nn.Module, processor, path: str | os.PathLike, base: str |
                                                   "family": family.name, "tensors": len(tensors)}, indent=1))
         if processor is not None:
             processor.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
     return path
 
 
@@ -130,15 +138,44 @@ def family_of(path: str | os.PathLike) -> Family:
     return family_of_checkpoint(path)
 
 
+def is_adapter(path: str | os.PathLike) -> bool:
+    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors), e.g. a LoRA run's stage."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def is_stage(path: str | os.PathLike) -> bool:
+    """What a run's stage folder may be: a full folder, a delta or a PEFT adapter."""
+    return is_checkpoint(path) or is_adapter(path)
+
+
+def adapter_base(path: str | os.PathLike) -> Path:
+    """The checkpoint folder a PEFT adapter's `base_model_name_or_path` names; a relative name is looked up
+    next to the adapter first, then beside it, then from the working directory."""
+    p = Path(path)
+    try:
+        name = json.loads((p / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{p / ADAPTER_CONFIG}: cannot read base_model_name_or_path ({e})") from e
+    if not name:
+        raise CheckpointError(f"{p / ADAPTER_CONFIG}: base_model_name_or_path is empty")
+    for cand in ([Path(name)] if Path(name).is_absolute() else [p / name, p.parent / name, Path(name)]):
+        if is_checkpoint(cand):
+            return Path(os.path.normpath(cand))
+    raise CheckpointError(f"{p}: its base model {name!r} (adapter_config.json) is not a local checkpoint folder; "
+                          "copy the base next to the adapter or write its local path into adapter_config.json")
+
+
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | None = None,
                attn_implementation: str | None = None, allow_pickle: bool = False,
                trust_remote_code: bool = False) -> nn.Module:
-    """Load a full checkpoint or a delta over its base, in eval mode."""
+    """Load a full checkpoint or a delta over its base, in eval mode. A folder with a moe.json (the MoE
+    baseline) gets its two-expert MLPs rebuilt (training.methods.moe)."""
     path = Path(path)
     kw = dict(dtype=dtype, attn_implementation=attn_implementation, allow_pickle=allow_pickle,
               trust_remote_code=trust_remote_code)
     if not is_delta(path):
-        return family_of_checkpoint(path).load(path, device=device, **kw)
+        model = family_of_checkpoint(path).load(path, **kw)
+        return _finish(model, path, device)
     meta, base = read_delta(path)
     model = family_of_checkpoint(base).load(base, **kw)
     weights = path / DELTA_WEIGHTS
@@ -157,6 +194,14 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None, dev
                 raise CheckpointError(f"{weights}: tensor {n!r} has shape {tuple(t.shape)}, the base has "
                                       f"{tuple(params[n].shape)}")
             params[n].copy_(t.to(params[n].dtype))
+    return _finish(model, path, device)
+
+
+def _finish(model: nn.Module, path: Path, device: str | None) -> nn.Module:
+    from .methods import moe  # lazy: methods import this module
+
+    if moe.is_moe_folder(path):
+        moe.restore(model, path)
     if device is not None:
         model.to(device)
     return model.eval()
@@ -180,6 +225,6 @@ def load_processor(path: str | os.PathLike, trust_remote_code: bool = False):
     raise CheckpointError(f"{path}: no usable processor/tokenizer ({'; '.join(errors)[:400]})")
 
 
-__all__ = ["DELTA_JSON", "DELTA_WEIGHTS", "TOKENIZER_FILES", "atomic_dir", "check_checkpoint_folder", "family_of",
-           "has_tokenizer", "is_checkpoint", "is_delta", "load_model", "load_processor", "read_delta", "save_delta",
-           "save_full"]
+__all__ = ["ADAPTER_CONFIG", "DELTA_JSON", "DELTA_WEIGHTS", "TOKENIZER_FILES", "adapter_base", "atomic_dir",
+           "check_checkpoint_folder", "family_of", "has_tokenizer", "is_adapter", "is_checkpoint", "is_delta",
+           "is_stage", "load_model", "load_processor", "read_delta", "save_delta", "save_full"]

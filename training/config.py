@@ -66,9 +66,38 @@ SCHEMA: dict[str, Key] = {
     "train.gradient_checkpointing": Key(bool, True, doc="applies on GPU only"),
     "train.log_every": Key(int, 1, min=1, doc="write a train_log.jsonl line every N optimizer steps"),
     "train.progress": Key(bool, True, doc="tqdm progress bars"),
+    # The drift monitor (training/monitor.py): probes of the model being trained, into RUN/monitor.parquet.
+    "monitor.every": Key(int, 0, min=0, doc="probe the model every N optimizer steps (and at each stage's start and "
+                         "end); 0: off"),
+    "monitor.captions": Key(int, 16, min=1, doc="how many captions (the first N of the run's caption set)"),
+    "monitor.batch_size": Key(int, 16, min=1, doc="captions per forward pass of a check"),
+    "monitor.signatures": Key(bool, True, doc="also the run tasks' signature masses sig_<task>_mass"),
+    "monitor.kl": Key(bool, True, doc="also kl_to_base and top1_agreement against stage 0"),
+    "monitor.probe": Key(str, "number_mass", doc="the probe the drift budget watches"),
+    "monitor.budget": Key(float, None, True, min=0, doc="largest allowed |probe - reference|; null: no budget"),
+    "monitor.reference": Key(str, "base", choices=("base", "stage_start"), doc="the budget's reference value"),
+    "monitor.on_budget": Key(str, "stop", choices=("stop", "lower_lr"), doc="end the stage, or scale its LR"),
+    "monitor.lr_factor": Key(float, 0.5, min=0, doc="LR multiplier of on_budget: lower_lr"),
     "probe.captions": Key(str, None, True, doc="caption set (LLaVA JSON) for the probes; the world's for world runs"),
     "probe.images": Key(str, None, True, doc="image root of probe.captions"),
     "eval.benchmarks": Key(list, None, True, doc="benchmark names for probes.evaluate; the world's for world runs"),
+    "eval.domains": Key(dict, {}, doc="2x2 tags: NAME: {image: DOMAIN, text: DOMAIN} (the world's are built in)"),
+    # Baselines (docs/baselines.md). A method is paired with the parameter recipe: `recipe: lwf` (its default
+    # recipe, the LM's MLP), `recipe: lwf+sa_proj`, or `method: lwf` with `recipe: sa_proj`.
+    "method": Key(str, None, True, choices=("lora", "lwf", "wise_ft", "moe"),
+                  doc="lora|lwf|wise_ft|moe, or null (plain fine-tuning); or name it in recipe: METHOD[+RECIPE]"),
+    "tag": Key(str, None, True, doc="appended to run.json's recipe as +TAG (e.g. lowlr), so analysis groups by it"),
+    "lora.r": Key(int, 256, min=1, doc="LoRA rank (clamped to the smallest adapted matrix dimension)"),
+    "lora.alpha": Key(float, 32.0, min=0, doc="LoRA alpha (scale alpha / r)"),
+    "lora.dropout": Key(float, 0.05, min=0, doc="dropout on the LoRA branch's input"),
+    "lora.lr": Key(float, 5e-5, True, min=0, doc="learning rate of the adapters (null: train.lr); the paper's 5e-5"),
+    "lora.save_merged": Key(bool, False, doc="also write merged full models to RUN/merged/ (a run directory)"),
+    "lwf.lambda": Key(float, 1.0, min=0, doc="weight of the distillation term"),
+    "lwf.temperature": Key(float, 2.0, min=1e-6, doc="softmax temperature T of teacher and student (loss x T^2)"),
+    "wise_ft.alpha": Key(float, 0.1, min=0, doc="weight of the previous stage: theta = alpha*prev + (1-alpha)*ft"),
+    "wise_ft.keep_finetuned": Key(bool, False, doc="also keep each stage's un-merged model in RUN/finetuned/"),
+    "mix.share": Key(float, 0.0, min=0, doc="data-hybrid: fraction of each stage's examples drawn from mix.sources"),
+    "mix.sources": Key(list, ["previous"], doc="task names to mix in; 'previous' = the run's earlier tasks"),
 }
 TASK_KEYS = ("train", "test", "images")
 SECTIONS = sorted({k.split(".")[0] for k in SCHEMA if "." in k})
@@ -111,7 +140,20 @@ def _coerce(key: str, value, where: str):
         raise ConfigError(f"{where}: {key} must be one of {', '.join(spec.choices)}, got {value!r}")
     if key == "data.tasks":
         value = {str(name): _task_entry(name, entry, where) for name, entry in value.items()}
+    if key == "eval.domains":
+        value = {str(name): _domain_entry(name, entry, where) for name, entry in value.items()}
+    if key == "mix.share" and value >= 1:
+        raise ConfigError(f"{where}: mix.share must be below 1 (the current task's share is 1 - mix.share), "
+                          f"got {value!r}")
     return value
+
+
+def _domain_entry(name, entry, where: str) -> dict:
+    if not (isinstance(entry, dict) and set(entry) == {"image", "text"}
+            and all(isinstance(v, str) and v for v in entry.values())):
+        raise ConfigError(f"{where}: eval.domains.{name} must be {{image: DOMAIN, text: DOMAIN}} (two names), "
+                          f"got {entry!r}")
+    return {"image": entry["image"], "text": entry["text"]}
 
 
 def _task_entry(name, entry, where: str) -> dict:

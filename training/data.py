@@ -163,14 +163,37 @@ def record_turns(record: dict, where: str = "record") -> list[tuple[str, str]]:
     return turns
 
 
-def open_image(images: Path | None, rel: str, where: str) -> Image.Image:
+def image_path(images: Path | None, rel: str, where: str) -> Path:
+    """`rel` under the images root; a path that would leave it (absolute, "..", a symlink pointing out) is
+    refused, so a data file cannot make training read arbitrary files."""
+    if images is None:
+        raise DataError(f"{where}: image {rel!r} but no images root to read it from")
     p = Path(rel)
-    p = p if p.is_absolute() or images is None else images / p
+    if p.is_absolute() or ".." in p.parts:
+        raise DataError(f"{where}: image path {rel!r} must be relative to the images root {images} and stay inside it")
+    full = (images / p).resolve()
+    if not full.is_relative_to(Path(images).resolve()):
+        raise DataError(f"{where}: image {rel!r} resolves outside the images root {images}")
+    return full
+
+
+def open_image(images: Path | None, rel: str, where: str) -> Image.Image:
+    p = image_path(images, rel, where)
     try:
         with Image.open(p) as im:
             return im.convert("RGB")
     except (OSError, ValueError) as e:
         raise DataError(f"{where}: cannot open image {p} ({e})") from None
+
+
+def check_images(records: list[dict], images: Path | None, source: str) -> None:
+    """Every record's image stays under the root and exists, before any step is taken (a missing image
+    would otherwise stop a stage part-way)."""
+    for i, r in enumerate(records):
+        if r.get("image"):
+            where = f"{source} record {i} (id {r.get('id')!r})"
+            if not image_path(images, r["image"], where).is_file():
+                raise DataError(f"{where}: image {images / r['image']} does not exist")
 
 
 class ConversationDataset(Dataset):
@@ -183,7 +206,9 @@ class ConversationDataset(Dataset):
 
     @classmethod
     def from_task(cls, task: TaskFiles, processor, max_examples: int | None = None) -> ConversationDataset:
-        return cls(load_records(task.train, max_examples), processor, task.images, str(task.train))
+        records = load_records(task.train, max_examples)
+        check_images(records, task.images, str(task.train))
+        return cls(records, processor, task.images, str(task.train))
 
     def __len__(self) -> int:
         return len(self.index)

@@ -91,8 +91,10 @@ def _supervised(batch: dict) -> int:
 
 def train_stage(model: torch.nn.Module, dataset: Dataset, collate_fn: Callable, train_cfg: dict, *,
                 recipe: str, seed: int, stage: int, accelerator=None, num_workers: int = 0,
-                log: Callable[[dict], None] | None = None, desc: str = "") -> StageResult:
-    """Train `model` in place on `dataset` with `recipe`; returns the steps, losses and timing."""
+                log: Callable[[dict], None] | None = None, desc: str = "", method=None, monitor=None) -> StageResult:
+    """Train `model` in place on `dataset` with `recipe`; returns the steps, losses and timing.
+    `method` (training.methods.Method) may choose the trainable tensors itself (and wrap the model: the
+    result's `model` is what trained) and add a term to the loss (`method.extra_loss`)."""
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -101,7 +103,10 @@ def train_stage(model: torch.nn.Module, dataset: Dataset, collate_fn: Callable, 
     if len(dataset) == 0:
         raise ValueError(f"{desc or 'stage'}: no training examples")
     torch.manual_seed(seed_for(seed, stage))
-    applied = apply_recipe(model, recipe)
+    if method is not None:  # after seeding: a method's new tensors (LoRA's A) are part of the stage's RNG
+        model, applied = method.select(model)
+    else:
+        applied = apply_recipe(model, recipe)
     lr = float(cfg["lr"])
     vision_lr = float(cfg["vision_lr"]) if cfg.get("vision_lr") is not None else lr
     groups = [{"params": g["params"], "lr": vision_lr if g["name"] == "vision" else lr} for g in applied.groups]
@@ -116,6 +121,8 @@ def train_stage(model: torch.nn.Module, dataset: Dataset, collate_fn: Callable, 
         model.config.use_cache = False
     model.train()
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if monitor is not None:  # training.monitor.DriftMonitor: the model the stage starts from, on its device
+        monitor.start_stage(stage, accelerator.unwrap_model(model))
 
     ga = int(cfg["grad_accum"])
     per_epoch = math.ceil(len(loader) / ga)
@@ -137,6 +144,7 @@ def train_stage(model: torch.nn.Module, dataset: Dataset, collate_fn: Callable, 
                                                                          and accelerator.is_local_main_process),
                leave=False, dynamic_ncols=True)
     losses: list[float] = []
+    aux_name = getattr(method, "aux_name", None)
     step = epoch = examples = 0
     start = time.perf_counter()
     while step < total:
@@ -147,14 +155,20 @@ def train_stage(model: torch.nn.Module, dataset: Dataset, collate_fn: Callable, 
                                        "sum")
             n_tok = max(int(n_tok), 1)
             step_loss = torch.zeros((), device=accelerator.device)
+            step_aux = torch.zeros((), device=accelerator.device)
             for j, batch in enumerate(window):
                 last = j == len(window) - 1
                 if deepspeed:  # tells the engine whether this backward ends the step
                     accelerator.gradient_state._set_sync_gradients(last)
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     out = model(**batch, num_items_in_batch=n_tok)
-                    accelerator.backward(out.loss * scale)
-                step_loss += out.loss.detach()
+                    loss = out.loss
+                    aux = method.extra_loss(batch, out, n_tok) if method is not None else None
+                    if aux is not None:
+                        loss = loss + aux
+                        step_aux += aux.detach()
+                    accelerator.backward(loss * scale)
+                step_loss += loss.detach()
                 examples += int(batch["input_ids"].shape[0]) * accelerator.num_processes
             grad_norm = accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
             lrs = {g["name"]: pg["lr"] for g, pg in zip(applied.groups, optimizer.param_groups)}  # this step's
@@ -163,18 +177,31 @@ def train_stage(model: torch.nn.Module, dataset: Dataset, collate_fn: Callable, 
             optimizer.zero_grad(set_to_none=True)
             step += 1
             loss = float(accelerator.reduce(step_loss, "sum"))  # sum over processes of local-sum / global count
+            if aux_name:  # the method's own term, included in `loss`
+                aux_loss = float(accelerator.reduce(step_aux, "sum"))
             losses.append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if log is not None and (step % int(cfg.get("log_every", 1)) == 0 or step == total):
-                log({"step": step, "epoch": epoch, "loss": loss, "lr": lrs.get("default"),
-                     "vision_lr": lrs.get("vision"),
-                     "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens": n_tok,
-                     "seconds": round(time.perf_counter() - t0, 5)})
+                record = {"step": step, "epoch": epoch, "loss": loss, "lr": lrs.get("default"),
+                          "vision_lr": lrs.get("vision"),
+                          "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens": n_tok,
+                          "seconds": round(time.perf_counter() - t0, 5)}
+                if aux_name:
+                    record[aux_name] = aux_loss
+                log(record)
             if step >= total:
                 break
+            if monitor is not None and monitor.after_step(step, accelerator.unwrap_model(model), optimizer, scheduler):
+                break                                   # the drift budget ended the stage
+        if monitor is not None and monitor.stopped:
+            break
         epoch += 1
     bar.close()
+    if monitor is not None:
+        checks = monitor.end_stage(step, accelerator.unwrap_model(model))
+        if log is not None:
+            log({"event": "monitor", **checks})
     seconds = time.perf_counter() - start
     if on_gpu and cfg.get("gradient_checkpointing", True):
         accelerator.unwrap_model(model).gradient_checkpointing_disable()

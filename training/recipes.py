@@ -260,18 +260,24 @@ def _model_for_listing(family_name: str | None, model_path: str | None):
             raise RecipeError("give --family (for its tiny random model) or --model PATH")
         family = get_family(family_name)
         return family, family.build_tiny()[0]
-    import torch
-    from transformers import AutoConfig
-
     from .families import check_checkpoint_folder, family_of_checkpoint
     check_checkpoint_folder(model_path)
     family = family_of_checkpoint(model_path)
     if family_name is not None and get_family(family_name).name != family.name:
         raise RecipeError(f"{model_path}: its config says family {family.name!r}, not {family_name!r}")
+    return family, model_skeleton(model_path)
+
+
+def model_skeleton(model_path) -> nn.Module:
+    """A checkpoint folder's architecture (from its config.json) on the meta device: names and shapes, no
+    weights read."""
+    import torch
+    from transformers import AutoConfig
+
+    from .families import family_of_checkpoint
     config = AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=False)
     with torch.device("meta"):
-        model = family.model_class._from_config(config)
-    return family, model
+        return family_of_checkpoint(model_path).model_class._from_config(config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The sequential loop: teach a base model a list of tasks one after another with one recipe.
+"""The sequential loop: teach a base model a list of tasks one after another with one recipe (or a baseline
+method paired with a recipe: training/methods, docs/baselines.md).
 
     python -m training.run --config PATH [--recipe NAME] [--out DIR] [key=value ...]
     accelerate launch --config_file training/configs/accelerate/fsdp.yaml -m training.run --config ...
@@ -6,7 +7,8 @@
 Writes RUN/run.json and one checkpoint per stage, stage 0 being the base (docs/design.md):
 
     RUN/run.json            {"family", "recipe", "base", "tasks", "config", "stages": [...],
-                             "captions": {"path", "images"} | null, "benchmarks": [names]}
+                             "captions": {"path", "images"} | null, "benchmarks": [names],
+                             "domains": {name: {"image", "text"}}}
     RUN/stage-00-base/      the base (save: full), or a delta with no tensors naming it (save: delta)
     RUN/stage-01-TASK/ ...  stage k = stage k-1 fine-tuned on tasks[k-1]; each stage starts from the
                             previous stage's saved checkpoint
@@ -34,7 +36,6 @@ from . import checkpoints
 from .config import ConfigError, apply, describe, load_config, resolve_path
 from .data import (
     Collator,
-    ConversationDataset,
     DataError,
     benchmark_names,
     caption_set,
@@ -42,8 +43,13 @@ from .data import (
     resolve_root,
     resolve_task,
 )
+from .domains import run_domains
 from .families import CheckpointError
-from .recipes import RecipeError, resolve_spec
+from .methods import StageContext
+from .methods import build as build_method
+from .methods import label as recipe_label
+from .mixing import PREVIOUS, pool_names, stage_dataset
+from .recipes import RecipeError, model_skeleton, resolve_spec
 
 RUN_JSON = "run.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -102,26 +108,46 @@ class Plan:
         self.cfg = cfg
         if not cfg["tasks"]:
             raise RunError("no tasks: set tasks (a list of task names)")
-        resolve_spec(cfg["recipe"])  # an unknown recipe fails now, not after stage 0
+        self.method = build_method(cfg)  # the method and its parameter recipe (training.methods)
+        self.label = recipe_label(cfg)   # what run.json's "recipe" records
+        resolve_spec(self.method.recipe)  # an unknown recipe fails now, not after stage 0
         self.base = resolve_base(cfg["base"])
         self.family = checkpoints.family_of(self.base)
         if cfg["family"] and cfg["family"] != self.family.name:
             raise RunError(f"config family {cfg['family']!r} but base {self.base} is a {self.family.name} checkpoint")
+        full = checkpoints.read_delta(self.base)[1] if checkpoints.is_delta(self.base) else self.base
+        self.method.check(model_skeleton(full))  # a recipe the method cannot take fails now, before stage 0
         if cfg["save"] == "delta" and checkpoints.is_delta(self.base):
             raise RunError(f"save: delta needs a full base checkpoint; base {self.base} is itself a delta")
         self.root = resolve_root(cfg["data"])
         self.tasks = [resolve_task(t, cfg["data"], self.root) for t in cfg["tasks"]]
-        for t in self.tasks:  # malformed data fails now, with the file and record named
+        extra = [n for n in cfg["mix"]["sources"] if n != PREVIOUS] if cfg["mix"]["share"] > 0 else []
+        self.mix_tasks = {t.name: t for t in self.tasks} | {n: resolve_task(n, cfg["data"], self.root) for n in extra}
+        for t in self.mix_tasks.values():  # malformed data fails now, with the file and record named
             load_records(t.train, cfg["data"]["max_examples"])
-        self.out = Path(cfg["out"] or Path("runs") / f"{config_name}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', cfg['recipe'])}")
+        self.out = Path(cfg["out"] or Path("runs") / f"{config_name}-{re.sub(r'[^A-Za-z0-9_.+-]+', '_', self.label)}")
         self.stages = [{"index": 0, "name": "base", "task": None, "path": stage_dirname(0, "base")}] + [
             {"index": i, "name": t, "task": t, "path": stage_dirname(i, t)} for i, t in enumerate(cfg["tasks"], 1)]
 
     def manifest(self, done: int) -> dict:
-        return {"family": self.family.name, "recipe": self.cfg["recipe"], "base": str(self.base),
+        benchmarks = benchmark_names(self.root, self.cfg["eval"])
+        return {"family": self.family.name, "recipe": self.label, "base": str(self.base),
                 "tasks": list(self.cfg["tasks"]), "config": self.cfg, "stages": self.stages[:done],
-                "captions": caption_set(self.root, self.cfg["probe"]),
-                "benchmarks": benchmark_names(self.root, self.cfg["eval"])}
+                "captions": caption_set(self.root, self.cfg["probe"]), "benchmarks": benchmarks,
+                "domains": run_domains(self.root, self.cfg["eval"], list(dict.fromkeys(self.cfg["tasks"] + benchmarks)))}
+
+    def variant_manifest(self, variant: str, done: int) -> dict:
+        """run.json of RUN/VARIANT/ (e.g. WiSE-FT's un-merged models): the same stages, stage 0 the run's."""
+        man = self.manifest(done)
+        man["recipe"] = f"{self.label}-{variant}"
+        man["stages"] = [dict(st, path=f"../{st['path']}") if st["index"] == 0 else st for st in man["stages"]]
+        return man
+
+    def mix_pool(self, stage: int) -> list:
+        """The tasks stage `stage` mixes in (data-hybrid training); empty without mix.share."""
+        if self.cfg["mix"]["share"] <= 0:
+            return []
+        return [self.mix_tasks[n] for n in pool_names(self.cfg["mix"]["sources"], self.cfg["tasks"], stage)]
 
     def completed(self) -> int:
         """How many stages (from 0) an existing run directory already holds; refuses a different run."""
@@ -142,7 +168,7 @@ class Plan:
                            "use another --out, or remove that directory to start over")
         done = 0
         for have, want in zip(old.get("stages", []), self.stages):
-            if have != want or not checkpoints.is_checkpoint(self.out / want["path"]):
+            if have != want or not checkpoints.is_stage(self.out / want["path"]):
                 break
             done += 1
         return done
@@ -164,16 +190,22 @@ class TrainLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def run(cfg: dict, config_name: str = "run") -> Path:
-    """Run (or resume) the whole sequence; returns the run directory."""
+def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
+    """Run (or resume) the whole sequence; returns the run directory. The base is read from safetensors, with
+    no code of its own, unless `allow_pickle` (torch.load with weights_only) / `trust_remote_code`."""
     from .loop import full_state_dict, make_accelerator, train_stage
 
     accelerator = make_accelerator(cfg["train"])
     with accelerator.main_process_first():  # rank 0 builds the world / base model if needed, the others reuse it
         plan = Plan(cfg, config_name)
+    method = plan.method
+    if not method.sharded_ok and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise RunError(f"method {method.name} is not supported with {accelerator.distributed_type.value} yet "
+                       "(it needs the whole model on every process); use DDP (training/configs/accelerate/ddp.yaml)")
     out = plan.out
     main = accelerator.is_main_process
     done = plan.completed()
+    accelerator.wait_for_everyone()  # every rank has read the run directory before rank 0 writes stage 0 into it
     if main:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".stage-*.tmp-*"):  # left by a process killed while writing a stage
@@ -183,10 +215,13 @@ def run(cfg: dict, config_name: str = "run") -> Path:
               file=sys.stderr)
     dtype = DTYPES[cfg["model"]["dtype"]]
     load_kw = dict(dtype=dtype, attn_implementation=cfg["model"]["attn_implementation"])
-    processor = checkpoints.load_processor(plan.base)
+    load_kw |= dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    processor = checkpoints.load_processor(plan.base, trust_remote_code=trust_remote_code)
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         raise RunError(f"{plan.base}: the tokenizer has no pad token")
+    from .monitor import create as create_monitor
+    monitor = create_monitor(cfg, plan, out, processor, accelerator, load_kw)   # monitor.every; built at its first check
 
     if done == 0:
         stage0 = out / plan.stages[0]["path"]
@@ -199,33 +234,37 @@ def run(cfg: dict, config_name: str = "run") -> Path:
         accelerator.wait_for_everyone()
         done = 1
 
+    train_cfg = method.train_config(cfg["train"])
     for stage in plan.stages[done:]:
         k, task = stage["index"], plan.tasks[stage["index"] - 1]
         log = TrainLog(out / TRAIN_LOG, keep_before=k, enabled=main)
-        model = checkpoints.load_model(out / plan.stages[k - 1]["path"], **load_kw)
-        dataset = ConversationDataset.from_task(task, processor, cfg["data"]["max_examples"])
-        result = train_stage(model, dataset, Collator(plan.family, pad_id), cfg["train"], recipe=cfg["recipe"],
+        ctx = StageContext(index=k, task=task.name, prev=out / plan.stages[k - 1]["path"], path=out / stage["path"],
+                           run_dir=out, stage0=out / plan.stages[0]["path"], base=plan.base, family=plan.family,
+                           processor=processor, save=cfg["save"], accelerator=accelerator)
+        model = method.load(ctx.prev, **load_kw)
+        dataset, mixed = stage_dataset(task, plan.mix_pool(k), processor, share=cfg["mix"]["share"], seed=cfg["seed"],
+                                       stage=k, max_examples=cfg["data"]["max_examples"])
+        method.begin_stage(model, ctx)
+        result = train_stage(model, dataset, Collator(plan.family, pad_id), train_cfg, recipe=method.recipe,
                              seed=cfg["seed"], stage=k, accelerator=accelerator,
                              num_workers=cfg["data"]["num_workers"],
                              log=lambda r, k=k, t=task.name, w=log.write: w({"stage": k, "task": t, **r}),
-                             desc=f"stage {k}/{len(plan.tasks)} {task.name}")
+                             desc=f"stage {k}/{len(plan.tasks)} {task.name}", method=method, monitor=monitor)
         state = full_state_dict(accelerator, result.model)
         if main:
-            unwrapped = accelerator.unwrap_model(result.model)
-            if cfg["save"] == "delta":
-                checkpoints.save_delta(unwrapped, processor, out / stage["path"], plan.base, result.trainable,
-                                       plan.family, state_dict=state)
-            else:
-                checkpoints.save_full(unwrapped, processor, out / stage["path"], state_dict=state)
+            method.finish(accelerator.unwrap_model(result.model), ctx, result.trainable, state)
             losses = result.losses
             log.write({"stage": k, "task": task.name, "event": "stage_end", "steps": result.steps,
                        "examples": result.examples, "seconds": round(result.seconds, 3),
                        "step_seconds": round(result.step_seconds, 5), "first_loss": losses[0],
-                       "last_loss": losses[-1]})
+                       "last_loss": losses[-1], **({"mixed": mixed} if mixed else {})})
+            for variant in method.active_variants():  # sibling run directories (RUN/VARIANT/run.json)
+                _write_json_atomic(out / variant / RUN_JSON, plan.variant_manifest(variant, k + 1))
             _write_json_atomic(out / RUN_JSON, plan.manifest(k + 1))  # last: now the stage counts as done
             print(f"[training.run] stage {k} {task.name}: {result.steps} steps in {result.seconds:.1f}s, "
                   f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; saved {out / stage['path']}", file=sys.stderr)
         accelerator.wait_for_everyone()
+        method.end_stage()
         del model, result, state
         accelerator.free_memory()
     return out
@@ -236,9 +275,13 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog="config keys (set in the YAML or as key=value):\n" + describe(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="a YAML file, or a name in training/configs (toy, toy-tiny)")
-    ap.add_argument("--recipe", help="overrides the config's recipe (e.g. sa_proj, mlp_gate_up)")
+    ap.add_argument("--recipe", help="overrides the config's recipe (e.g. sa_proj, mlp_gate_up), or names a "
+                    "baseline method: lora, lwf, wise_ft, moe, or METHOD+RECIPE (docs/baselines.md)")
     ap.add_argument("--out", help="run directory (default: the config's out, else runs/CONFIG-RECIPE)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=1e-4 tasks=[cub200]")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="read a base with only pickle weights (*.bin), via torch.load(weights_only=True)")
+    ap.add_argument("--trust-remote-code", action="store_true", help="let the base's own Python code run")
     args = ap.parse_intermixed_args(argv)  # key=value may come before or after the flags
     try:
         cfg = load_config(args.config, args.overrides)
@@ -246,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             apply(cfg, "recipe", args.recipe, "--recipe")
         if args.out:
             apply(cfg, "out", args.out, "--out")
-        out = run(cfg, resolve_path(args.config).stem)
+        out = run(cfg, resolve_path(args.config).stem, allow_pickle=args.allow_pickle,
+                  trust_remote_code=args.trust_remote_code)
     except (ConfigError, DataError, RecipeError, CheckpointError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -92,15 +92,20 @@ class Family:
     def load(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | None = None,
              attn_implementation: str | None = None, allow_pickle: bool = False,
              trust_remote_code: bool = False) -> nn.Module:
-        """Load a local checkpoint folder: safetensors only by default, never the network."""
+        """Load a local checkpoint folder: safetensors only by default, never the network. Pickle weights
+        (allow_pickle) go through torch.load with weights_only=True, which refuses anything but tensors.
+        Any failure (a truncated or corrupt file, mismatched shapes) is a CheckpointError naming the folder."""
         check_checkpoint_folder(path, allow_pickle=allow_pickle)
         kwargs: dict[str, Any] = dict(local_files_only=True, trust_remote_code=trust_remote_code,
-                                      use_safetensors=not allow_pickle or has_safetensors(path))
+                                      use_safetensors=not allow_pickle or has_safetensors(path), weights_only=True)
         if dtype is not None:
             kwargs["dtype"] = dtype
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        model = self.model_class.from_pretrained(str(path), **kwargs)
+        try:
+            model = self.model_class.from_pretrained(str(path), **kwargs)
+        except Exception as e:  # safetensors, pickle and shape errors come in many types; name the folder
+            raise CheckpointError(f"{path}: cannot load the model weights ({type(e).__name__}: {e})") from e
         if device is not None:
             model.to(device)
         return model.eval()

@@ -1,0 +1,130 @@
+"""`probes.run` options beyond the token-set probes: drift from a base model and task signatures.
+
+    python -m probes.run --ckpt-dir RUN --drift                  # + kl_to_base, top1_agreement (teacher-forced)
+    python -m probes.run --ckpt-dir RUN --drift --base /ckpts/Qwen2.5-VL-7B-Instruct
+    python -m probes.run --ckpt-dir RUN --signatures             # + sig_<task>_mass for every task of the run
+    python -m probes.run --ckpt-dir RUN --signatures --signature-file docvqa=docvqa/train.json
+
+Definitions: probes/drift.py (KL, agreement) and probes/signatures.py (signatures); docs/probes.md.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.families import CheckpointError
+
+from . import drift
+from .engine import probe_names
+from .signatures import MIN_COUNT, PRIOR, TOP_K, Z_MIN, Signature, SignatureError, derive_all, write_json
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("drift from the base and task signatures (docs/probes.md)")
+    g.add_argument("--drift", action="store_true",
+                   help="also kl_to_base = KL(base || checkpoint) and top1_agreement with the base, teacher-forced, "
+                        "exact; the base runs over the same batches")
+    g.add_argument("--base", help="the base checkpoint of --drift (default: the run's stage 0)")
+    g.add_argument("--signatures", action="store_true",
+                   help="also sig_<task>_mass (and _max_prob): the mass on each task's answer-token signature "
+                        "(written to signatures.json next to the table)")
+    g.add_argument("--signature-tasks", help="comma-separated tasks (default: run.json's tasks)")
+    g.add_argument("--signature-file", action="append", metavar="NAME=PATH", default=[],
+                   help="a task's training file (LLaVA JSON) for its signature; implies --signatures (repeatable)")
+    g.add_argument("--signature-k", type=int, default=TOP_K, help=f"at most K tokens per signature ({TOP_K})")
+    g.add_argument("--signature-z", type=float, default=Z_MIN, help=f"least z of a signature token ({Z_MIN})")
+    g.add_argument("--signature-prior", type=float, default=PRIOR,
+                   help=f"prior mass as a fraction of both corpora's tokens ({PRIOR})")
+
+
+def check_arguments(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    files = {}
+    for item in args.signature_file:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            ap.error(f"--signature-file {item!r}: expected NAME=PATH")
+        files[name] = path
+    args.signature_file = files
+    args.signature_tasks = [t.strip() for t in (args.signature_tasks or "").split(",") if t.strip()] or None
+    if files or args.signature_tasks:
+        args.signatures = True
+    if args.signature_k < 1:
+        ap.error("--signature-k must be at least 1")
+    if args.signature_prior <= 0:
+        ap.error("--signature-prior must be positive")
+    if args.base and not args.drift:
+        ap.error("--base is the base of --drift; add --drift")
+
+
+@dataclass
+class Extras:
+    drift: bool = False
+    base_path: Path | None = None
+    sigs: list[Signature] = field(default_factory=list)
+    ref: drift.BaseReference | None = None
+    safety: dict = field(default_factory=dict)       # allow_pickle, trust_remote_code, as for the checkpoints
+
+    @property
+    def sig_sets(self) -> dict[str, list[int]]:
+        return {s.name: s.ids for s in self.sigs if s.tokens}
+
+    def names(self, token_sets, mode: str) -> list[str]:
+        """The probes of one mode: token sets (signatures included) and entropy; drift when teacher-forced."""
+        out = probe_names(list(token_sets) + list(self.sig_sets))
+        return out + list(drift.DRIFT_PROBES) if self.drift and mode == "teacher-forced" else out
+
+    def teacher_forced(self, eng, samples, batches, *, device, dtype, attn, cache, progress: bool) -> dict:
+        from .loading import load_for_inference, load_processor_for
+        from .tokensets import vocab_fingerprint
+
+        if self.ref is None:
+            if self.base_path is None:
+                raise drift.DriftError("drift probes need a base checkpoint")
+            own = load_processor_for(self.base_path, trust_remote_code=self.safety.get("trust_remote_code", False))
+            if vocab_fingerprint(own.tokenizer) != vocab_fingerprint(eng.tokenizer):
+                raise CheckpointError(f"{self.base_path}: the base's tokenizer differs from the run's; KL over "
+                                      "different vocabularies is not defined")
+            model, _ = load_for_inference(self.base_path, dtype=dtype, device=device, attn_implementation=attn,
+                                          processor=eng.processor, **self.safety)
+            self.ref = drift.BaseReference(model, eng.processor, encode_cache=cache, name=str(self.base_path))
+        out = drift.teacher_forced(eng, self.ref, samples, batches, progress=progress)
+        self.ref.release_model()       # every batch of this rank's plan is cached: keep only the base's head
+        return out
+
+
+def setup(args, run, caps, out_path: Path, rank: int, say=print) -> Extras:
+    """Resolve the base and derive the signatures (rank 0 writes signatures.json next to the table)."""
+    from .loading import load_processor_for
+
+    ex = Extras(drift=bool(args.drift), safety={k: bool(getattr(args, k, False))
+                                                for k in ("allow_pickle", "trust_remote_code")})
+    if args.drift:
+        if args.base:
+            ex.base_path = Path(args.base)
+        else:
+            first = min(run.checkpoints, key=lambda c: c.stage)
+            if first.stage != 0:
+                raise drift.DriftError(f"{run.root}: no stage 0 to serve as the base of --drift; pass --base PATH")
+            ex.base_path = first.path
+        if not ex.base_path.is_dir():
+            raise drift.DriftError(f"--base {ex.base_path}: not a checkpoint folder")
+        say(f"probes.run: drift against {ex.base_path}")
+    if args.signatures:
+        processor = load_processor_for(run.checkpoints[0].path, trust_remote_code=ex.safety["trust_remote_code"])
+        try:
+            ex.sigs = derive_all(run.manifest, [s.caption for s in caps.samples], processor, args.signature_tasks,
+                                 args.signature_file, prior=args.signature_prior, z_min=args.signature_z,
+                                 min_count=MIN_COUNT, top_k=args.signature_k)
+        except SignatureError as e:
+            raise drift.DriftError(str(e)) from None
+        for s in ex.sigs:
+            shown = ", ".join(repr(t["token"]) for t in s.tokens[:8])
+            say(f"probes.run: signature {s.name}: {len(s.tokens)} tokens ({shown}{', ...' if len(s.tokens) > 8 else ''})"
+                if s.tokens else f"probes.run: task {s.task}: no token is over-represented in its answers; no signature")
+        if rank == 0:
+            write_json(Path(out_path).with_name("signatures.json"), ex.sigs,
+                       {"prior": args.signature_prior, "z_min": args.signature_z, "min_count": MIN_COUNT,
+                        "top_k": args.signature_k},
+                       {"dataset": caps.name, "dataset_hash": caps.hash, "n_captions": len(caps.samples)})
+    return ex

@@ -1,0 +1,348 @@
+"""Per-layer write-back attribution: `python -m probes.layers --ckpt-dir DIR` -> DIR/layers.parquet.
+
+    python -m probes.layers --ckpt-dir runs/demo/full                       # the run's caption set, stage 0 = base
+    python -m probes.layers --ckpt-dir RUN --captions caps.json --images imgs/ --num-samples 200 --batch-size 16
+
+For every checkpoint and every LM decoder layer i, the change (checkpoint minus base) of what the layer's
+self-attention block and its MLP write into the residual stream, at the positions that predict caption
+tokens (teacher-forced, as the number-token probe), projected through the base's unembedding.
+
+Hook points (forward hooks, TransformerLens-style stable names):
+    blocks.{i}.attn_out   output of layers[i].self_attn (after o_proj, before the residual add)
+    blocks.{i}.mlp_out    output of layers[i].mlp (after down_proj: the write-back)
+    ln_final.input        the residual stream entering the final norm (for its scale)
+
+Both models run on the same batch; at each position p, D = out_checkpoint - out_base (a d-vector). The final
+RMSNorm is linearised at the base (the direct-logit-attribution convention, with the base's cached scale):
+    u = gamma_base * D / rms_base(x_final(p)),   rms(x) = sqrt(mean(x^2) + eps)
+and dL = W_U u is the logit-space change (W_U the base's output projection; a bias cancels). Measures:
+    logit_l2        || dL - mean_v dL ||_2 = sqrt(u^T G u), G = W^T W - V wbar wbar^T (the L2 norm of the
+                    logit change with its mean over the vocabulary removed: the part softmax sees)
+    number_logit    mean over number tokens of dL minus mean over the vocabulary of dL = (wbar_num - wbar) . u
+    number_logmass  the first-order change of log(number-token mass) at the base's distribution:
+                    sum_{i in num} q_i dL_i - sum_v p_v dL_v = (E_q[W_num] - E_p[W]) . u, with p the base's
+                    softmax and q the base's softmax restricted to number tokens
+    resid_l2        || D ||_2, the raw change of the write (before norm and unembedding)
+Per sample each measure is averaged over its caption positions; rows summarise the samples like
+probes.parquet (mean, sample std, 95% t interval). Since the change of a component's output includes the
+change of its input, a layer whose weights did not change still has a non-zero attribution after the
+first changed layer; before it, and for a checkpoint identical to the base, it is exactly 0.
+
+Columns: run, stage, stage_name, task, recipe, checkpoint, base, layer, component (attn|mlp), hook,
+measure, mean, std, ci_low, ci_high, n_samples, n_positions, dataset, dataset_hash; one row per
+(stage, layer, component, measure). One process (no torchrun); a rerun skips stages already written.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import sys
+import traceback
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from training.chat import collate
+from training.families import CheckpointError, family_of_model
+
+from . import table
+from .captions import CaptionDataError
+from .cli import add_loading_arguments
+from .discover import DiscoveryError, discover
+from .drift import DriftError
+from .engine import EncodeCache, Engine, SampleAccumulator
+from .loading import load_for_inference, load_processor_for
+from .run import caption_set, pick_device
+from .tokensets import token_set, vocab_fingerprint
+
+COMPONENTS = {"attn": "self_attn", "mlp": "mlp"}
+MEASURES = ("logit_l2", "number_logit", "number_logmass", "resid_l2")
+COLUMNS = ["run", "stage", "stage_name", "task", "recipe", "checkpoint", "base", "layer", "component", "hook",
+           "measure", "mean", "std", "ci_low", "ci_high", "n_samples", "n_positions", "dataset", "dataset_hash"]
+DTYPES = {"stage": "int64", "layer": "int64", "mean": "float64", "std": "float64", "ci_low": "float64",
+          "ci_high": "float64", "n_samples": "int64", "n_positions": "int64"}
+KEY = ["stage", "layer", "component", "measure"]
+
+
+def hook_name(layer: int, component: str) -> str:
+    return f"blocks.{layer}.{component}_out"
+
+
+# -- hooks -----------------------------------------------------------------------------------------
+class Taps:
+    """Forward hooks on the LM decoder layers' self-attention and MLP outputs and the final norm's input,
+    keeping only the rows selected by `mask` (B x T, bool)."""
+
+    def __init__(self, model: nn.Module, family):
+        layers = model.get_submodule(family.layers)
+        self.points = {hook_name(i, c): getattr(layer, attr) for i, layer in enumerate(layers)
+                       for c, attr in COMPONENTS.items()}
+        self.final_norm = model.get_submodule(family.final_norm)
+        self.n_layers = len(layers)
+        self.rows: dict[str, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def capture(self, mask: torch.Tensor):
+        self.rows = {}
+
+        def keep(name, t):
+            if name in self.rows:
+                raise RuntimeError(f"hook {name} fired twice in one forward")
+            self.rows[name] = t[mask].float()
+
+        handles = [m.register_forward_hook(lambda mod, args, out, n=n: keep(n, out[0] if isinstance(out, tuple)
+                                                                            else out))
+                   for n, m in self.points.items()]
+        handles.append(self.final_norm.register_forward_pre_hook(
+            lambda mod, args, kwargs: keep("ln_final.input", args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True))
+        try:
+            yield self.rows
+        finally:
+            for h in handles:
+                h.remove()
+
+
+# -- the base's readout ----------------------------------------------------------------------------
+class Readout:
+    """The base's final norm and unembedding, linearised (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, number_ids: list[int], chunk_elems: int = 1 << 24):
+        family = family_of_model(model)
+        norm = model.get_submodule(family.final_norm)
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        if getattr(norm, "weight", None) is None or eps is None:
+            raise CheckpointError(f"final norm {type(norm).__name__} is not an RMSNorm with weight and epsilon; "
+                                  "its linearisation is not implemented")
+        self.gamma, self.eps = norm.weight.detach().double(), float(eps)
+        W = model.get_output_embeddings().weight.detach()
+        self.W, self.chunk_elems = W, chunk_elems
+        V, d = W.shape
+        G = torch.zeros(d, d, dtype=torch.float64, device=W.device)
+        wsum = torch.zeros(d, dtype=torch.float64, device=W.device)
+        step = max(1, chunk_elems // d)
+        for c0 in range(0, V, step):
+            w = W[c0:c0 + step].double()
+            G += w.T @ w
+            wsum += w.sum(0)
+        wbar = wsum / V
+        self.G = G - V * torch.outer(wbar, wbar)
+        self.num = torch.tensor(number_ids, dtype=torch.long, device=W.device)
+        self.num_dir = W[self.num].double().mean(0) - wbar
+
+    def scale(self, x_final: torch.Tensor) -> torch.Tensor:
+        """1 / rms(x) per row, as RMSNorm computes it (fp64)."""
+        x = x_final.double()
+        return torch.rsqrt(x.pow(2).mean(-1) + self.eps)
+
+    def logmass_dir(self, h_normed: torch.Tensor) -> torch.Tensor:
+        """E_q[W_num] - E_p[W] per row (N x d), from the base's final (normed) hidden rows; the expectation
+        over the whole vocabulary is accumulated in chunks with an online softmax."""
+        N, V = h_normed.shape[0], self.W.shape[0]
+        cols = max(1, min(V, self.chunk_elems // max(N, 1)))
+        m = s = acc = None
+        for c0 in range(0, V, cols):
+            w = self.W[c0:c0 + cols]
+            z = (h_normed.to(w.dtype) @ w.T).double()
+            cm = z.max(1).values
+            if m is None:
+                m = cm
+                e = torch.exp(z - m[:, None])
+                s, acc = e.sum(1), e @ w.double()
+                continue
+            nm = torch.maximum(m, cm)
+            a = torch.exp(m - nm)
+            e = torch.exp(z - nm[:, None])
+            s, acc, m = a * s + e.sum(1), a[:, None] * acc + e @ w.double(), nm
+        zn = (h_normed.to(self.W.dtype) @ self.W[self.num].T).double()
+        q = torch.softmax(zn, dim=1)
+        return q @ self.W[self.num].double() - acc / s[:, None]
+
+    def measures(self, delta: torch.Tensor, scale: torch.Tensor, lm_dir: torch.Tensor) -> dict[str, torch.Tensor]:
+        u = delta.double() * self.gamma * scale[:, None]
+        return {"logit_l2": torch.sqrt(((u @ self.G) * u).sum(1).clamp(min=0)), "number_logit": u @ self.num_dir,
+                "number_logmass": (u * lm_dir).sum(1), "resid_l2": delta.double().norm(dim=1)}
+
+
+# -- one checkpoint against the base ---------------------------------------------------------------
+def _forward_rows(eng: Engine, taps: Taps, batch: dict, mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    with taps.capture(mask) as rows:
+        hidden = eng.base(**eng.to_device(batch), use_cache=False).last_hidden_state
+    return dict(rows), hidden[mask]
+
+
+@torch.inference_mode()
+def attribute(base: Engine, ck: Engine, readout: Readout, samples, batches: list[list[int]],
+              progress: bool = False) -> dict[int, dict]:
+    """{sample index: {"HOOK|MEASURE": value, "n_positions": n}} for one checkpoint against the base."""
+    fam = base.family
+    if family_of_model(ck.model).name != fam.name:
+        raise CheckpointError("base and checkpoint are of different model families")
+    tb, tc = Taps(base.model, fam), Taps(ck.model, fam)
+    if tb.n_layers != tc.n_layers:
+        raise CheckpointError(f"base has {tb.n_layers} decoder layers, the checkpoint {tc.n_layers}")
+    names = [f"{h}|{m}" for h in tb.points for m in MEASURES]
+    out: dict[int, dict] = {}
+    for idx in tqdm(batches, desc="layers", unit="batch", disable=not progress, leave=False):
+        exs = [ck.encode(samples[i], True) for i in idx]
+        batch = collate(exs, fam, ck.pad_id, "right")
+        answer = batch.pop("answer_mask").to(ck.device)
+        batch.pop("eot_mask")
+        mask = torch.zeros_like(answer)
+        mask[:, :-1] = answer[:, 1:]                      # position t predicts caption token t+1
+        rb, hb = _forward_rows(base, tb, batch, mask)
+        rc, _ = _forward_rows(ck, tc, batch, mask)
+        scale = readout.scale(rb["ln_final.input"])
+        lm_dir = readout.logmass_dir(hb)
+        values = {}
+        for h in tb.points:
+            for m, v in readout.measures(rc[h] - rb[h], scale, lm_dir).items():
+                values[f"{h}|{m}"] = v
+        acc = SampleAccumulator(names, len(idx), ck.device)
+        acc.add(mask.nonzero()[:, 0], values)
+        for i, r in zip(idx, acc.result()):
+            out[i] = r
+    return out
+
+
+def rows_for(run, ck, base_rel: str, per_sample: dict[int, dict], caps) -> list[dict]:
+    n = len(caps.samples)
+    if sorted(per_sample) != list(range(n)):
+        raise RuntimeError(f"{ck.path}: got values for {len(per_sample)} of {n} samples")
+    ordered = [per_sample[i] for i in range(n)]
+    n_pos = int(sum(v["n_positions"] for v in ordered))
+    rows = []
+    for key in [k for k in ordered[0] if k != "n_positions"]:
+        hook, measure = key.split("|")
+        _, layer, comp = hook.split(".")
+        rows.append({"run": run.name, "stage": ck.stage, "stage_name": ck.stage_name, "task": ck.task,
+                     "recipe": run.recipe, "checkpoint": ck.rel, "base": base_rel, "layer": int(layer),
+                     "component": comp.removesuffix("_out"), "hook": hook, "measure": measure,
+                     **table.summarize(v[key] for v in ordered), "n_positions": n_pos, "dataset": caps.name,
+                     "dataset_hash": caps.hash})
+    return rows
+
+
+# -- the command -----------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m probes.layers", description=__doc__.split("\n")[0],
+                                 epilog=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt-dir", required=True, help="a run directory (run.json) or a folder of checkpoints")
+    ap.add_argument("--captions", help="caption set (default: the one run.json names)")
+    ap.add_argument("--images", help="images root (default: run.json's, else the caption file's folder)")
+    ap.add_argument("--num-samples", type=int, default=None, help="how many captions (default: the first 1000)")
+    ap.add_argument("--sample", choices=["first", "random"], default="first")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=16, help="samples per forward pass (default 16)")
+    ap.add_argument("--base", help="the base checkpoint (default: the run's stage 0)")
+    ap.add_argument("--out", help="the table (default: CKPT_DIR/layers.parquet)")
+    add_loading_arguments(ap, records="caption record")
+    ap.add_argument("--replace", action="store_true", help="replace rows computed on other captions or another base")
+    args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        ap.error("--batch-size must be at least 1")
+    return args
+
+
+def _done(df: pd.DataFrame, ck, base_rel: str, n_layers: int, dataset_hash: str) -> tuple[bool, pd.DataFrame]:
+    if not len(df):
+        return False, df
+    sel = df[df["stage"] == ck.stage]
+    same = sel[(sel["checkpoint"] == ck.rel) & (sel["base"] == base_rel) & (sel["dataset_hash"] == dataset_hash)]
+    return len(same) == n_layers * len(COMPONENTS) * len(MEASURES), sel.drop(same.index)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        run = discover(args.ckpt_dir)
+        caps = caption_set(args, run)
+        out_path = Path(args.out) if args.out else run.root / "layers.parquet"
+        table.read_table(out_path, COLUMNS, DTYPES, "layer table")   # a foreign file stops here, before any model
+        if args.base:
+            base_path, base_rel = Path(args.base), str(Path(args.base).resolve())
+        else:
+            first = min(run.checkpoints, key=lambda c: c.stage)
+            if first.stage != 0:
+                raise DriftError(f"{run.root}: no stage 0 to serve as the base; pass --base PATH")
+            base_path, base_rel = first.path, first.rel
+        processor = load_processor_for(base_path, trust_remote_code=args.trust_remote_code)
+    except (DiscoveryError, CaptionDataError, CheckpointError, table.TableError, DriftError) as e:
+        print(f"probes.layers: error: {e}", file=sys.stderr)
+        return 2
+    device, dtype, attn = pick_device(args.device, args.attn)
+    print(f"probes.layers: {len(run.checkpoints)} checkpoint(s) in {run.root} against {base_path}; captions "
+          f"{caps.source} ({len(caps.samples)} samples, hash {caps.hash}); {device} {dtype} -> {out_path}")
+    if caps.report():
+        print(f"probes.layers: {caps.report()}", file=sys.stderr)
+    cache = EncodeCache()
+    load = dict(dtype=dtype, device=device, attn_implementation=attn, processor=processor,
+                allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    base_model, _ = load_for_inference(base_path, **load)
+    base = Engine(base_model, processor, token_sets=(), encode_cache=cache)
+    readout = Readout(base_model, token_set(processor.tokenizer, "number"))
+    n_layers = Taps(base_model, base.family).n_layers
+    batches = base.plan(caps.samples, args.batch_size, True)
+    status = {}
+    for ck in tqdm(run.checkpoints, desc="checkpoints", unit="ckpt"):
+        done, clash = _done(table.read_table(out_path, COLUMNS, DTYPES, "layer table"), ck, base_rel, n_layers,
+                            caps.hash)
+        if done:
+            status[ck.stage] = "skipped (already in the table)"
+            continue
+        if len(clash) and not args.replace:
+            r = clash.iloc[0]
+            status[ck.stage] = (f"FAILED: {out_path} has rows for stage {ck.stage} from checkpoint {r['checkpoint']}, "
+                                f"base {r['base']}, captions {r['dataset_hash']}; use --out or --replace")
+            continue
+        model = None
+        try:
+            own = load_processor_for(ck.path, trust_remote_code=args.trust_remote_code)
+            if vocab_fingerprint(own.tokenizer) != vocab_fingerprint(processor.tokenizer):
+                raise CheckpointError(f"{ck.path}: its tokenizer differs from the base's")
+            model, _ = load_for_inference(ck.path, **load)
+            eng = Engine(model, processor, token_sets=(), encode_cache=cache)
+            per = attribute(base, eng, readout, caps.samples, batches, progress=True)
+            table.append_rows(out_path, rows_for(run, ck, base_rel, per, caps), columns=COLUMNS, dtypes=DTYPES,
+                              key=KEY, order=["stage", "layer", "component", "measure"], what="layer table")
+            status[ck.stage] = "done"
+        except Exception as e:  # noqa: BLE001 (reported with the checkpoint; the others still run)
+            status[ck.stage] = f"FAILED: {type(e).__name__}: {e}"
+            if not isinstance(e, (CheckpointError, CaptionDataError, ValueError)):
+                status[ck.stage] += "\n" + traceback.format_exc(limit=3)
+        finally:
+            del model
+            gc.collect()
+    print_summary(out_path, run, status, caps.hash)
+    failed = [s for s, v in status.items() if v.startswith("FAILED")]
+    for s in failed:
+        print(f"probes.layers: stage {s} {status[s]}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def print_summary(out_path: Path, run, status: dict, dataset_hash: str) -> None:
+    df = table.read_table(out_path, COLUMNS, DTYPES, "layer table")
+    df = df[(df["dataset_hash"] == dataset_hash) & (df["measure"] == "logit_l2")] if len(df) else df
+    print(f"\n{out_path}: logit_l2 (mean over samples) per layer, attn / mlp")
+    lines = []
+    for ck in run.checkpoints:
+        row = {"stage": ck.stage, "name": ck.stage_name}
+        sel = df[df["stage"] == ck.stage] if len(df) else df
+        for layer, g in sel.groupby("layer"):
+            v = dict(zip(g["component"], g["mean"]))
+            row[f"L{layer}"] = f"{v.get('attn', float('nan')):.3g} / {v.get('mlp', float('nan')):.3g}"
+        row["status"] = status.get(ck.stage, "").splitlines()[0][:80] if status.get(ck.stage) else ""
+        lines.append(row)
+    with pd.option_context("display.max_columns", None, "display.width", 250):
+        print(pd.DataFrame(lines).fillna("").to_string(index=False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
