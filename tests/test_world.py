@@ -299,9 +299,10 @@ def test_quick_check_equals_greedy_generation(tiny_base):
                 image = im.convert("RGB")
             instruction = rec["conversations"][0]["value"][len("<image>\n"):]
             prompt = encode(processor, image, instruction)
-            with torch.no_grad():
+            with torch.no_grad():  # mm_token_type_ids too: without them Qwen2.5-VL's rope skips the image grid
                 gen = model.generate(input_ids=prompt.input_ids[None], attention_mask=torch.ones_like(
-                    prompt.input_ids[None]), **prompt.image_inputs, max_new_tokens=6, do_sample=False)
+                    prompt.input_ids[None]), **prompt.image_inputs, max_new_tokens=6, do_sample=False,
+                    **{k: v[None] for k, v in prompt.token_type_ids.items()})
             new = gen[0, len(prompt.input_ids):].tolist()
             if tok.eos_token_id not in new or new.index(tok.eos_token_id) == 0:
                 continue
