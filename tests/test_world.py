@@ -317,3 +317,11 @@ def test_quick_check_equals_greedy_generation(tiny_base):
     assert len(own) >= 5, "the tiny base model should end most short answers within 6 tokens"
     assert all(greedy_exact(model, processor, own))
     assert not any(greedy_exact(model, processor, changed))
+
+
+def test_cli_base_names_a_bad_family_or_size_before_building(capsys):
+    from training.world.__main__ import main
+    assert main(["--base", "nope:toy"]) == 2
+    assert "unknown family 'nope'" in capsys.readouterr().err
+    assert main(["--base", "qwen2_5_vl:huge"]) == 2
+    assert "unknown model size 'huge'" in capsys.readouterr().err

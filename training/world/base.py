@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from ..checkpoints import atomic_dir, is_checkpoint, load_model, load_processor
+from ..families import get_family
 from .build import VERSION, cache_root, ensure_world, load_world
 from .models import WORLD_OF_SIZE, init_checkpoint, model_size
 from .registry import HELDOUT_TASKS, TARGET_TASKS
@@ -127,6 +128,7 @@ def base_checkpoint(family: str = "qwen2_5_vl", size: str = "toy") -> Path:
     if is_built(path):
         return path
     model_size(size)
+    get_family(family)  # both names checked before minutes of building
     print(f"[training.world] building the {family} {size} base model into {path} (once)", file=sys.stderr)
     try:
         return pretrain(family, size, path)
