@@ -325,3 +325,18 @@ def test_cli_base_names_a_bad_family_or_size_before_building(capsys):
     assert "unknown family 'nope'" in capsys.readouterr().err
     assert main(["--base", "qwen2_5_vl:huge"]) == 2
     assert "unknown model size 'huge'" in capsys.readouterr().err
+
+
+def test_cached_base_is_rebuilt_when_its_plan_changes(tiny_base, tmp_path, monkeypatch):
+    """The cache key covers the pretraining configs: an edited YAML makes the cached base model stale."""
+    from training.config import resolve_path
+    from training.world import base as B
+    plan = B.plan_fingerprint("qwen2_5_vl", "tiny")
+    assert json.loads((tiny_base / B.BASE_JSON).read_text())["plan"] == plan
+    assert B.is_built(tiny_base, plan)
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(resolve_path("world-pretrain-tiny").read_text().replace("max_steps: 120", "max_steps: 121"))
+    monkeypatch.setattr("training.config.resolve_path", lambda name: edited)
+    other = B.plan_fingerprint("qwen2_5_vl", "tiny")
+    assert other != plan and not B.is_built(tiny_base, other)
+    assert B.plan_fingerprint("qwen2_5_vl", "toy") != B.plan_fingerprint("llava_onevision", "toy")

@@ -18,6 +18,7 @@ and `pretrain_log.jsonl` (every phase's training log, each line tagged with its 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -42,8 +43,22 @@ def base_dir(family: str, size: str) -> Path:
     return cache_root() / "base" / f"v{VERSION}" / f"{family}-{size}"
 
 
-def is_built(path: str | os.PathLike) -> bool:
-    return is_checkpoint(path) and (Path(path) / BASE_JSON).is_file()
+def plan_fingerprint(family: str, size: str) -> str:
+    """What a base model is built from: the plan's config files, the model size, the world version. A cached
+    base model with another fingerprint is rebuilt, so an edited world-pretrain.yaml takes effect."""
+    from ..config import resolve_path
+
+    h = hashlib.sha256(json.dumps([family, size, model_size(size), VERSION, PRETRAIN_PLAN[size]]).encode())
+    for config, _ in PRETRAIN_PLAN[size]:
+        h.update(resolve_path(config).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def is_built(path: str | os.PathLike, fingerprint: str | None = None) -> bool:
+    """A finished base model folder (and, given `fingerprint`, one built from that plan)."""
+    if not (is_checkpoint(path) and (Path(path) / BASE_JSON).is_file()):
+        return False
+    return fingerprint is None or json.loads((Path(path) / BASE_JSON).read_text()).get("plan") == fingerprint
 
 
 def pretrain(family: str, size: str, out: str | os.PathLike, *, world: str | os.PathLike | None = None,
@@ -74,7 +89,8 @@ def pretrain(family: str, size: str, out: str | os.PathLike, *, world: str | os.
                            **_stage_stats(run_dir / "train_log.jsonl")})
             logs += [json.dumps({"phase": config, **json.loads(line)})
                      for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
-        summary = {"family": family, "size": size, "world": str(world), "world_version": VERSION,
+        summary = {"family": family, "size": size, "plan": plan_fingerprint(family, size),
+                   "world": str(world), "world_version": VERSION,
                    "pretrain_seconds": round(time.perf_counter() - t0, 1), "phases": phases,
                    "steps": sum(p["steps"] for p in phases), "first_loss": phases[-1]["first_loss"],
                    "last_loss": phases[-1]["last_loss"]}
@@ -123,16 +139,18 @@ def heldout_report(checkpoint: str | os.PathLike, world: str | os.PathLike, limi
 
 
 def base_checkpoint(family: str = "qwen2_5_vl", size: str = "toy") -> Path:
-    """The pretrained base model of the embedded world, built on first use and cached (never committed)."""
-    path = base_dir(family, size)
-    if is_built(path):
-        return path
+    """The pretrained base model of the embedded world, built on first use and cached (never committed);
+    rebuilt when its pretraining plan (configs, model size, world version) changed since it was built."""
     model_size(size)
     get_family(family)  # both names checked before minutes of building
-    print(f"[training.world] building the {family} {size} base model into {path} (once)", file=sys.stderr)
+    path, plan = base_dir(family, size), plan_fingerprint(family, size)
+    if is_built(path, plan):
+        return path
+    why = "its pretraining plan changed" if is_built(path) else "once"
+    print(f"[training.world] building the {family} {size} base model into {path} ({why})", file=sys.stderr)
     try:
         return pretrain(family, size, path)
     except OSError:
-        if is_built(path):  # another process renamed its copy into place first
+        if is_built(path, plan):  # another process renamed its copy into place first
             return path
         raise

@@ -2,7 +2,7 @@
 
 Sizes follow EMBEDDED_WORLD_FACTS.md: `toy` (the demo: text hidden 128, 3 layers, about 1M parameters)
 and `tiny` (tests: text hidden 64, 2 layers). Images are 48x48 pixels: Qwen2.5-VL sees 9 merged image
-tokens (patch 8, merge 2); the LLaVA families see 21 (patch 16: a 3x3 base view, a 3x3 crop, newlines).
+tokens (patch 4, merge 4); the LLaVA families see 21 (patch 16: a 3x3 base view, a 3x3 crop, newlines).
 """
 from __future__ import annotations
 
