@@ -22,7 +22,7 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: setup
-	$(PY) -m training.demo
+	$(PY) scripts/demo.py
 
 lint: setup
 	$(PY) -m ruff check training probes analysis tests
