@@ -88,10 +88,16 @@ def heldout_over_sequence(an):
     return fig
 
 
+def _without_signatures(table):
+    """Task-signature probes (sig_*) have their own figure (analysis.drift_report); one panel or figure for
+    each would bury the others. Their correlations stay in correlations.csv."""
+    return table[~table["probe"].str.startswith("sig_")]
+
+
 def probe_over_sequence(an):
     """Each probe's mean after each stage with its confidence interval (from probes.parquet), one line
     per run, coloured by recipe; one panel per (probe, mode)."""
-    p = an.probes
+    p = _without_signatures(an.probes)
     keys = list(p.groupby(["probe", "mode"]).groups)
     pal = recipe_palette(p["recipe"])
     ncol = min(2, len(keys))
@@ -118,7 +124,7 @@ def probe_over_sequence(an):
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
     fig.suptitle("Probe value after each stage (error bars: the probe's CI)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title above the panels
     return fig
 
 
@@ -210,7 +216,7 @@ def all_figures(an):
     yield "heldout_over_sequence", heldout_over_sequence(an)
     if not an.probes.empty:
         yield "probe_over_sequence", probe_over_sequence(an)
-        for probe, mode in an.points.groupby(["probe", "mode"]).groups:
+        for probe, mode in _without_signatures(an.points).groupby(["probe", "mode"]).groups:
             yield f"probe_vs_heldout_{probe}_{mode}", probe_vs_heldout(an, probe, mode)
     for label in an.metrics:
         yield f"accuracy_matrix_{label}", accuracy_heatmap(an, label)
