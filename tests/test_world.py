@@ -339,4 +339,6 @@ def test_cached_base_is_rebuilt_when_its_plan_changes(tiny_base, tmp_path, monke
     monkeypatch.setattr("training.config.resolve_path", lambda name: edited)
     other = B.plan_fingerprint("qwen2_5_vl", "tiny")
     assert other != plan and not B.is_built(tiny_base, other)
+    edited.write_text(resolve_path("world-pretrain-tiny").read_text() + "# a comment changes nothing\n")
+    assert B.plan_fingerprint("qwen2_5_vl", "tiny") == plan
     assert B.plan_fingerprint("qwen2_5_vl", "toy") != B.plan_fingerprint("llava_onevision", "toy")

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from ..checkpoints import atomic_dir, is_checkpoint, load_model, load_processor
 from ..families import get_family
 from .build import VERSION, cache_root, ensure_world, load_world
@@ -48,10 +50,9 @@ def plan_fingerprint(family: str, size: str) -> str:
     base model with another fingerprint is rebuilt, so an edited world-pretrain.yaml takes effect."""
     from ..config import resolve_path
 
-    h = hashlib.sha256(json.dumps([family, size, model_size(size), VERSION, PRETRAIN_PLAN[size]]).encode())
-    for config, _ in PRETRAIN_PLAN[size]:
-        h.update(resolve_path(config).read_bytes())
-    return h.hexdigest()[:16]
+    configs = [yaml.safe_load(resolve_path(config).read_text()) for config, _ in PRETRAIN_PLAN[size]]  # not comments
+    key = [family, size, model_size(size), VERSION, PRETRAIN_PLAN[size], configs]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def is_built(path: str | os.PathLike, fingerprint: str | None = None) -> bool:
