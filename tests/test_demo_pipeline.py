@@ -53,12 +53,16 @@ def test_every_step_wrote_its_table(demo_out):
         assert kl.loc[0] == 0 and (kl.loc[1:] > 0).all()  # every stage changed the LM
         evals = pd.read_parquet(run / "evals.parquet")
         assert sorted(evals.stage.unique()) == stages
-        assert set(evals[evals.split == "target"].benchmark) == set(TARGETS)
+        # the transfer benchmarks (a target's question on other pictures) count as that target's
+        assert set(evals[evals.split == "target"].benchmark) == set(TARGETS) | {"pixmocount_tissue", "textvqa_shapes"}
         assert evals[evals.split == "heldout"].benchmark.nunique() == 8
         assert evals.n.eq(12).all() and evals.score.between(0, 100).all()
         assert sorted(pd.read_parquet(run / "layers.parquet").stage.unique()) == stages
         assert set(pd.read_parquet(run / "monitor.parquet").stage) == set(stages)  # stage 0: the reference
         assert (run / "monitor_cost.json").is_file()
+    cells = pd.read_csv(demo_out / "analysis" / "cells.csv")  # the world fills all four 2x2 cells
+    assert set(cells.cell) == {"image-ID/text-ID", "image-ID/text-OOD", "image-OOD/text-ID", "image-OOD/text-OOD"}
+    assert set(cells[cells.cell == "image-OOD/text-ID"].stage_name) == {"pixmocount", "textvqa"}
     table = pd.read_csv(demo_out / "analysis" / "demo_table.csv")
     assert list(table.run) == RUNS and table["number_mass x base @count"].gt(0).all()
     for f in ["heldout_over_sequence", "probe_over_sequence", "learning_vs_forgetting", "signature_moves",

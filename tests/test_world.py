@@ -13,6 +13,7 @@ from training.tokenizer import NUMBER_WORDS
 from training.world import (
     HELDOUT_TASKS,
     TARGET_TASKS,
+    TRANSFER_TASKS,
     draw,
     ensure_world,
     load_world,
@@ -21,6 +22,7 @@ from training.world import (
     tasks,
     write_world,
 )
+from training.world.build import VERSION
 from training.world.registry import SCORERS, TASKS
 
 from .conftest import FAMILY_NAMES
@@ -38,7 +40,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 def _all_split_files(info) -> list[str]:
     """Every record file; the mixed pretraining file (which repeats records) last."""
-    return ([info["captions"]] + [t[s] for t in info["tasks"].values() for s in ("train", "test")]
+    return ([info["captions"]] + [t[s] for t in info["tasks"].values() for s in ("train", "test") if s in t]
             + [info["pretrain_warmup"], info["pretrain"]])
 
 
@@ -59,9 +61,11 @@ def test_world_json_layout(world):
     assert list(info["tasks"]) == list(TASKS)
     assert TARGET_TASKS == ["cub200", "pixmocount", "pathvqa", "textvqa", "timeclock"]
     assert len(HELDOUT_TASKS) >= 6 and not set(HELDOUT_TASKS) & set(TARGET_TASKS)
+    assert TRANSFER_TASKS == ["pixmocount_tissue", "textvqa_shapes"]
     for name, t in info["tasks"].items():
-        assert t["kind"] == ("target" if name in TARGET_TASKS else "heldout")
-        assert t["train"] == f"tasks/{name}/train.json" and t["test"] == f"tasks/{name}/test.json"
+        assert t["kind"] == ("target" if name in TARGET_TASKS else "transfer" if name in TRANSFER_TASKS else "heldout")
+        assert t["test"] == f"tasks/{name}/test.json"
+        assert t.get("train") == (None if t["kind"] == "transfer" else f"tasks/{name}/train.json")
         assert t["scorer"] in SCORERS and 0 < t["chance"] < 100
         assert ("order" in t) == (t["kind"] == "target")
     assert [info["tasks"][n]["order"] for n in TARGET_TASKS] == list(range(5))
@@ -121,13 +125,13 @@ def test_no_test_image_occurs_in_any_train_split_or_the_captions(world):
         return {hashlib.sha1(Image.open(world / "images" / r["image"]).convert("RGB").tobytes()).hexdigest()
                 for r in read_records(world, rel)}
     test = set().union(*(pixels(t["test"]) for t in info["tasks"].values()))
-    train = set().union(pixels(info["captions"]), *(pixels(t["train"]) for t in info["tasks"].values()))
+    train = set().union(pixels(info["captions"]), *(pixels(t["train"]) for t in info["tasks"].values() if "train" in t))
     assert test and train and not test & train
 
 
 def _qa(world, task):
     info = load_world(world)
-    recs = [r for s in ("train", "test") for r in read_records(world, info["tasks"][task][s])]
+    recs = [r for s in ("train", "test") if s in info["tasks"][task] for r in read_records(world, info["tasks"][task][s])]
     return [(r["conversations"][0]["value"], r["conversations"][1]["value"]) for r in recs]
 
 
@@ -144,6 +148,11 @@ def test_target_answers_are_well_formed(world):
         assert a in allowed
     for _, a in _qa(world, "textvqa"):
         assert a in tasks.WORDS or (re.fullmatch(r"\d{1,2}", a) and str(int(a)) == a)
+    for task, target in [("pixmocount_tissue", "pixmocount"), ("textvqa_shapes", "textvqa")]:
+        # the target's question and answers, about other pictures: image-OOD/text-ID
+        assert {q.split("\n")[-1] for q, _ in _qa(world, task)} == {q.split("\n")[-1] for q, _ in _qa(world, target)}
+        assert all(a in {a for _, a in _qa(world, target)} | set(tasks.WORDS) | {str(i) for i in range(100)}
+                   for _, a in _qa(world, task))
     for _, a in _qa(world, "timeclock"):
         m = re.fullmatch(r"(1[0-2]|[1-9]):([0-5]\d)", a)
         assert m and int(m.group(2)) % tasks.MINUTE_STEP == 0
@@ -207,10 +216,10 @@ def test_world_tokenizer_keeps_digits_and_number_words_as_ordinary_tokens(family
 def test_ensure_world_generates_once_atomically_and_reuses(tmp_path, monkeypatch):
     monkeypatch.setenv("LMM_DRIFT_CACHE", str(tmp_path / "cache"))
     path = ensure_world(size="tiny")
-    assert path == tmp_path / "cache" / "world" / "v1-tiny"
+    assert path == tmp_path / "cache" / "world" / f"v{VERSION}-tiny"
     stamp = (path / "world.json").stat().st_mtime_ns
     assert ensure_world(size="tiny") == path and (path / "world.json").stat().st_mtime_ns == stamp
-    assert [p.name for p in path.parent.iterdir()] == ["v1-tiny"]  # no temporary folder left behind
+    assert [p.name for p in path.parent.iterdir()] == [f"v{VERSION}-tiny"]  # no temporary folder left behind
     explicit = ensure_world(tmp_path / "mine", size="tiny")
     assert json.loads((explicit / "world.json").read_text())["size"] == "tiny"
 

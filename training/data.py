@@ -78,7 +78,8 @@ def resolve_root(data_cfg: dict) -> DataRoot:
 
 def available_tasks(dr: DataRoot) -> list[str]:
     if dr.world is not None:
-        return list(dr.world.get("tasks", {})) + (["pretrain"] if dr.world.get("pretrain") else [])
+        return ([n for n, e in dr.world.get("tasks", {}).items() if e.get("train")]
+                + (["pretrain"] if dr.world.get("pretrain") else []))
     if dr.root is not None and (dr.root / "tasks").is_dir():
         return sorted(p.name for p in (dr.root / "tasks").iterdir() if (p / "train.json").is_file())
     return []
@@ -91,6 +92,9 @@ def resolve_task(name: str, data_cfg: dict, dr: DataRoot) -> TaskFiles:
     if dr.world is not None:
         entry = dr.world.get("tasks", {}).get(name)
         if entry is not None:
+            if not entry.get("train") and not over.get("train"):
+                raise DataError(f"task {name!r} is evaluation only in {dr.root / 'world.json'} (kind "
+                                f"{entry.get('kind')!r}): it has no training split")
             train, test = dr.path(entry.get("train")), dr.path(entry.get("test"))
         elif name == "pretrain" and dr.world.get("pretrain"):
             train = dr.path(dr.world["pretrain"])
@@ -248,7 +252,7 @@ def caption_set(dr: DataRoot, probe_cfg: dict) -> dict | None:
 
 
 def benchmark_names(dr: DataRoot, eval_cfg: dict) -> list[str]:
-    """The config's eval.benchmarks, else the world's targets then held-out sets (each in world order)."""
+    """The config's eval.benchmarks, else the world's targets, held-out and transfer sets (each in world order)."""
     if eval_cfg.get("benchmarks") is not None:
         return list(eval_cfg["benchmarks"])
     if dr.world is None:
@@ -258,4 +262,4 @@ def benchmark_names(dr: DataRoot, eval_cfg: dict) -> list[str]:
     def of_kind(kind):  # world order, or each task's "order" where given
         names = [n for n, t in tasks.items() if t.get("kind") == kind]
         return sorted(names, key=lambda n: (tasks[n].get("order") is None, tasks[n].get("order") or 0))
-    return of_kind("target") + of_kind("heldout")
+    return of_kind("target") + of_kind("heldout") + of_kind("transfer")

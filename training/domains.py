@@ -28,6 +28,8 @@ WORLD_DOMAINS: dict[str, tuple[str, str]] = {
     "caption_match": ("shapes", "caption_choice"),
     "background": ("shapes", "background"),
     "scene": ("mixed", "scene_kind"),
+    "pixmocount_tissue": ("tissue", "count"),      # transfer: image-OOD/text-ID for pixmocount
+    "textvqa_shapes": ("shapes", "read_text"),     # transfer: image-OOD/text-ID for textvqa
 }
 
 

@@ -31,9 +31,9 @@ import yaml
 
 from ..checkpoints import atomic_dir, is_checkpoint, load_model, load_processor
 from ..families import get_family
-from .build import VERSION, cache_root, ensure_world, load_world
+from .build import PRETRAIN_VERSION, VERSION, cache_root, ensure_world, load_world
 from .models import WORLD_OF_SIZE, init_checkpoint, model_size
-from .registry import HELDOUT_TASKS, TARGET_TASKS
+from .registry import HELDOUT_TASKS, TARGET_TASKS, TRANSFER_TASKS
 
 BASE_JSON = "world_base.json"
 # (config in training/configs, task) per phase
@@ -42,16 +42,16 @@ PRETRAIN_PLAN = {"toy": [("world-pretrain-warmup", "pretrain_warmup"), ("world-p
 
 
 def base_dir(family: str, size: str) -> Path:
-    return cache_root() / "base" / f"v{VERSION}" / f"{family}-{size}"
+    return cache_root() / "base" / f"v{PRETRAIN_VERSION}" / f"{family}-{size}"
 
 
 def plan_fingerprint(family: str, size: str) -> str:
-    """What a base model is built from: the plan's config files, the model size, the world version. A cached
+    """What a base model is built from: the plan's config files, the model size, the pretraining data's version. A cached
     base model with another fingerprint is rebuilt, so an edited world-pretrain.yaml takes effect."""
     from ..config import resolve_path
 
     configs = [yaml.safe_load(resolve_path(config).read_text()) for config, _ in PRETRAIN_PLAN[size]]  # not comments
-    key = [family, size, model_size(size), VERSION, PRETRAIN_PLAN[size], configs]
+    key = [family, size, model_size(size), PRETRAIN_VERSION, PRETRAIN_PLAN[size], configs]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -129,10 +129,10 @@ def heldout_report(checkpoint: str | os.PathLike, world: str | os.PathLike, limi
     model, processor = load_model(checkpoint), load_processor(checkpoint)
     info = load_world(world)
     rep = {}
-    for name in HELDOUT_TASKS + TARGET_TASKS:
+    for name in HELDOUT_TASKS + TARGET_TASKS + TRANSFER_TASKS:
         rep[name] = {"accuracy": round(task_accuracy(model, processor, world, name, limit=limit), 2),
                      "chance": info["tasks"][name]["chance"], "kind": info["tasks"][name]["kind"]}
-    for kind in ("heldout", "target"):
+    for kind in ("heldout", "target", "transfer"):
         rows = [r for r in rep.values() if r.get("kind") == kind]
         rep[f"mean_{kind}"] = {"accuracy": round(sum(r["accuracy"] for r in rows) / len(rows), 2),
                                "chance": round(sum(r["chance"] for r in rows) / len(rows), 2)}

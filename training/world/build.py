@@ -25,11 +25,14 @@ from pathlib import Path
 from . import tasks
 from .registry import TASKS
 
-VERSION = 1
+VERSION = 2            # the world's files; 2 added the transfer tasks
+PRETRAIN_VERSION = 1   # what the base model is pretrained on (captions, held-out train splits, warm-up): bump
+                       # when those change, and every cached base model is rebuilt
 WORLD_SIZES: dict[str, dict[str, int]] = {
     # records per split; "tiny" is for tests (generates in about a second)
-    "tiny": dict(captions=48, target_train=24, target_test=12, heldout_train=24, heldout_test=12, warmup=24),
-    "toy": dict(captions=4000, target_train=1000, target_test=200, heldout_train=1500, heldout_test=200,
+    "tiny": dict(captions=48, target_train=24, target_test=12, heldout_train=24, heldout_test=12, transfer_test=12,
+                 warmup=24),
+    "toy": dict(captions=4000, target_train=1000, target_test=200, heldout_train=1500, heldout_test=200, transfer_test=200,
                 warmup=4000),
 }
 CAPTIONS = "captions/lcs558k.json"
@@ -122,17 +125,20 @@ def write_world(out: str | os.PathLike, *, size: str | dict = "toy", seed: int =
     warmup = w.split("pretrain_warmup", tasks.shape_warmup, "train", n["warmup"], rel_dir="pretrain_warmup",
                      id_fmt="{:06d}")
     for name, spec in TASKS.items():
-        splits[name]["train"] = w.split(name, spec.make, "train", n[f"{spec.kind}_train"],
-                                        rel_dir=f"{name}/train", id_fmt="{:06d}")
+        if spec.kind != "transfer":  # evaluation only
+            splits[name]["train"] = w.split(name, spec.make, "train", n[f"{spec.kind}_train"],
+                                            rel_dir=f"{name}/train", id_fmt="{:06d}")
     _dump(out / CAPTIONS, captions)
     task_info = {}
     for name, spec in TASKS.items():
         for split, recs in splits[name].items():
             _dump(out / f"tasks/{name}/{split}.json", recs)
-        task_info[name] = {"kind": spec.kind, "train": f"tasks/{name}/train.json", "test": f"tasks/{name}/test.json",
+        task_info[name] = {"kind": spec.kind, "test": f"tasks/{name}/test.json",
                            "scorer": spec.scorer, "chance": round(spec.chance, 4),
                            "max_new_tokens": spec.max_new_tokens,
-                           "n_train": len(splits[name]["train"]), "n_test": len(splits[name]["test"])}
+                           "n_train": len(splits[name].get("train", [])), "n_test": len(splits[name]["test"])}
+        if "train" in splits[name]:
+            task_info[name]["train"] = f"tasks/{name}/train.json"
         if spec.order is not None:
             task_info[name]["order"] = spec.order
     pretrain = captions + [r for name, spec in TASKS.items() if spec.kind == "heldout" for r in splits[name]["train"]]

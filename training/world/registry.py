@@ -1,7 +1,9 @@
 """The world's tasks: name, role, scorer and chance level, in one table.
 
 Targets are trained one after another (in `order`); held-out tasks are only ever pretrained on (train
-split) and measured (test split). `chance` is the expected score (0-100) of guessing uniformly among the
+split) and measured (test split); transfer tasks (test split only) ask a target's question about another
+kind of picture, filling the image-OOD/text-ID cell of the 2x2 grid (training/domains.py). Their names
+extend the target's ("pixmocount_tissue"), so a run that trains the target scores them as its targets. `chance` is the expected score (0-100) of guessing uniformly among the
 answers a question admits. Scorers are named, not implemented, here: `probes/` scores.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ SCORERS = ("mc_letter", "integer", "yes_no", "exact", "vqa", "clock", "anls", "r
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    kind: str                 # "target" or "heldout"
+    kind: str                 # "target", "heldout" or "transfer"
     scorer: str               # one of SCORERS
     chance: float             # 0-100
     make: Callable            # rng -> tasks.Sample
@@ -39,11 +41,14 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("caption_match", "heldout", "mc_letter", 25.0, tasks.caption_match),
     TaskSpec("background", "heldout", "exact", 100 / len(draw.BACKGROUNDS), tasks.background),
     TaskSpec("scene", "heldout", "exact", 100 / len(tasks.SCENE_KINDS), tasks.scene),
+    TaskSpec("pixmocount_tissue", "transfer", "integer", 100 / tasks.COUNT_MAX, tasks.pixmocount_tissue),
+    TaskSpec("textvqa_shapes", "transfer", "vqa", tasks.TEXTVQA_CHANCE, tasks.textvqa_shapes),
 ]}
 
 TARGET_TASKS: list[str] = sorted((t.name for t in TASKS.values() if t.kind == "target"),
                                  key=lambda n: TASKS[n].order)
 HELDOUT_TASKS: list[str] = [t.name for t in TASKS.values() if t.kind == "heldout"]
+TRANSFER_TASKS: list[str] = [t.name for t in TASKS.values() if t.kind == "transfer"]
 
 
 def get_task(name: str) -> TaskSpec:

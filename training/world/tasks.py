@@ -94,10 +94,19 @@ COUNT_MAX = 9
 
 
 def pixmocount(rng: random.Random) -> Sample:
+    return _count(rng, lambda: draw.canvas(_background(rng)))
+
+
+def pixmocount_tissue(rng: random.Random) -> Sample:
+    """Transfer (evaluation only): the counting question about shapes drawn on a stained tissue section."""
+    return _count(rng, lambda: _tissue(rng)[0])
+
+
+def _count(rng: random.Random, backdrop) -> Sample:
     target = rng.choice(draw.SHAPES)
     n = rng.randint(1, COUNT_MAX)
     distract = rng.randint(0, 3)
-    img = draw.canvas(_background(rng))
+    img = backdrop()  # drawn after the counts: pixmocount's records stay those of world version 1
     from PIL import ImageDraw
     d = ImageDraw.Draw(img)
     cells = rng.sample([(i, j) for i in range(4) for j in range(4)], n + distract)
@@ -159,6 +168,14 @@ def textvqa(rng: random.Random) -> Sample:
     q = "What number is on the sign?" if text.isdigit() and rng.random() < 0.5 else rng.choice(
         ["What does the sign say?", "What is written on the sign?"])
     return Sample(_sign_image(rng, text), f"{q}\n{SHORT}", text)
+
+
+def textvqa_shapes(rng: random.Random) -> Sample:
+    """Transfer (evaluation only): the reading question about a sign drawn into a shape scene."""
+    text = _sign_text(rng)
+    img = sample_scene(rng).render(rng)
+    draw.sign(img, rng, text)
+    return Sample(img, f"{rng.choice(['What does the sign say?', 'What is written on the sign?'])}\n{SHORT}", text)
 
 
 TEXTVQA_CHANCE = 100 * (0.5 / len(WORDS) + 0.5 / (NUMBER_MAX + 1))

@@ -25,9 +25,11 @@ def _family_module(family: str):
 
 
 def world_texts(world: str | os.PathLike) -> list[str]:
-    """Every caption, instruction and answer of the world (captions and all tasks, both splits)."""
+    """Every caption, instruction and answer of the world (captions and every target and held-out task, both
+    splits). Transfer tasks are left out: their words are their targets' words, and leaving them out keeps the
+    tokenizer (an input of the base model, PRETRAIN_VERSION) what it was before they existed."""
     info = load_world(world)
-    files = [CAPTIONS] + [t[s] for t in info["tasks"].values() for s in ("train", "test")]
+    files = [CAPTIONS] + [t[s] for t in info["tasks"].values() if t["kind"] != "transfer" for s in ("train", "test")]
     texts = []
     for rel in files:
         for rec in read_records(world, rel):
