@@ -77,11 +77,10 @@ def results_table(out: Path, names: list[str]):
     import pandas as pd
 
     summary = pd.read_csv(out / "analysis" / "summary.csv").set_index("run")
+    metrics = pd.read_csv(out / "analysis" / "metrics.csv")
     rows = []
     for name in names:
-        evals = pd.read_parquet(out / name / "evals.parquet")
-        heldout = evals[evals.split == "heldout"].groupby("stage")["score"].mean()
-        change = heldout - heldout.loc[0]
+        change = metrics[(metrics.run == name) & (metrics.metric == "heldout_change")].set_index("stage")["value"]
         probes = pd.read_parquet(out / name / "probes.parquet")
         tf = probes[probes["mode"] == "teacher-forced"]
         mass = tf[tf.probe == "number_mass"].set_index("stage")
