@@ -71,7 +71,7 @@ def resolve_base(base: str | None) -> Path:
         if len(parts) != 3:
             raise RunError(f"base {base!r}: expected world:FAMILY:SIZE, e.g. world:qwen2_5_vl:toy")
         from .world import base_checkpoint  # lazy: the world is heavy and optional
-        return Path(base_checkpoint(parts[1], parts[2]))
+        return Path(base_checkpoint(parts[1], parts[2], train=run))   # pretrained by this loop
     path = Path(base)
     if not checkpoints.is_checkpoint(path):
         raise RunError(f"base {base!r} is not a checkpoint folder (no config.json with *.safetensors, nor a delta)")
