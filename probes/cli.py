@@ -3,34 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
 
 import torch
 
-from .loading import load_for_inference, load_processor_for
+from training.checkpoints import LoadOptions
 
 ATTN_CHOICES = ["auto", "sdpa", "flash_attention_2", "eager"]
-
-
-# Until training.checkpoints has LoadOptions / load / load_processor (the loading helper's work), the same
-# interface over probes.loading; the switch is `from training.checkpoints import LoadOptions, load, load_processor`.
-@dataclass(frozen=True)
-class LoadOptions:
-    dtype: torch.dtype | None = None
-    device: str | None = None
-    attn: str | None = None
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-
-
-def load(path, opts: LoadOptions = LoadOptions(), *, processor=None):
-    return load_for_inference(path, dtype=opts.dtype, device=opts.device, attn_implementation=opts.attn,
-                              processor=processor, allow_pickle=opts.allow_pickle,
-                              trust_remote_code=opts.trust_remote_code)
-
-
-def load_processor(path, opts: LoadOptions = LoadOptions()):
-    return load_processor_for(path, trust_remote_code=opts.trust_remote_code)
 
 
 def add_loading_arguments(ap: argparse.ArgumentParser, records: str = "record") -> None:
@@ -56,7 +34,7 @@ def pick_device(arg: str = "auto", attn: str = "auto") -> tuple[str, torch.dtype
     return arg, torch.float32, None if attn == "auto" else attn
 
 
-def load_options(args) -> LoadOptions:
+def load_options(args: argparse.Namespace) -> LoadOptions:
     """The LoadOptions of `add_loading_arguments`' flags (device, dtype and attention from `pick_device`)."""
     device, dtype, attn = pick_device(args.device, args.attn)
     return LoadOptions(dtype=dtype, device=device, attn=attn, allow_pickle=args.allow_pickle,

@@ -28,9 +28,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from training.checkpoints import load
+
 from . import benchmarks as B
 from . import table
-from .cli import add_loading_arguments, load
+from .cli import add_loading_arguments
 from .discover import RunDir
 from .engine import EncodeCache, Engine
 from .scorers import SCORERS, get_scorer

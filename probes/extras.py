@@ -17,10 +17,10 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.checkpoints import LoadOptions, load, load_processor
 from training.families import CheckpointError
 
 from . import drift
-from .cli import LoadOptions, load, load_processor
 from .engine import EncodeCache, probe_names
 from .signatures import MIN_COUNT, PRIOR, TOP_K, Z_MIN, Signature, SignatureError, derive_all, write_json
 from .tokensets import vocab_fingerprint

@@ -47,10 +47,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from training.chat import collate
+from training.checkpoints import load, load_processor
 from training.families import CheckpointError, family_of_model
 
 from . import table
-from .cli import add_loading_arguments, load, load_processor
+from .cli import add_loading_arguments
 from .drift import DriftError
 from .engine import EncodeCache, Engine, SampleAccumulator
 from .run import caption_set

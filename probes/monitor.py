@@ -36,11 +36,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from training.checkpoints import LoadOptions, load, load_processor
 from training.families import CheckpointError
 
 from . import benchmarks as B
 from .captions import CaptionDataError, Sample, load_captions, subset_hash
-from .cli import LoadOptions, load, load_processor, pick_device
+from .cli import pick_device
 from .discover import DiscoveryError, discover
 from .drift import DRIFT_PROBES, BaseReference, DriftError, teacher_forced
 from .engine import EncodeCache, Engine, probe_names

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from training.checkpoints import load, load_processor
 from training.families import CheckpointError
 
 from . import extras as drift_extras
 from . import table
 from .captions import CaptionDataError, load_captions
-from .cli import add_loading_arguments, load, load_processor
+from .cli import add_loading_arguments
 from .discover import RunDir
 from .drift import DriftError
 from .engine import MAX_NEW_TOKENS, EncodeCache, Engine

@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from training.checkpoints import LoadOptions
 from training.families import CheckpointError
 
 from . import table
 from .captions import CaptionDataError
-from .cli import LoadOptions, pick_device
+from .cli import load_options
 from .discover import Checkpoint, DiscoveryError, RunDir, discover
 
 SKIPPED, DONE, FAILED = "skipped (already in the table)", "done", "FAILED: "
@@ -123,9 +124,7 @@ class SweepOptions:
 
     @property
     def load(self) -> LoadOptions:
-        device, dtype, attn = pick_device(self.device, self.attn)
-        return LoadOptions(dtype=dtype, device=device, attn=attn, allow_pickle=self.allow_pickle,
-                           trust_remote_code=self.trust_remote_code)
+        return load_options(self)
 
 
 class Command:
