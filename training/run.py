@@ -70,7 +70,7 @@ def resolve_base(base: str | None) -> Path:
         parts = base.split(":")
         if len(parts) != 3:
             raise RunError(f"base {base!r}: expected world:FAMILY:SIZE, e.g. world:qwen2_5_vl:toy")
-        from .world import base_checkpoint  # lazy: the world is heavy and optional
+        from .world.base import base_checkpoint  # lazy: the world is heavy and optional
         return Path(base_checkpoint(parts[1], parts[2], train=run))   # pretrained by this loop
     path = Path(base)
     if not checkpoints.is_checkpoint(path):
