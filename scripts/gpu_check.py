@@ -8,7 +8,8 @@ Steps, most important first (a step that cannot fit in what is left of the limit
 the GPU tests (`pytest -m gpu`, only the files that carry the mark, so that collection needs nothing but
 pytest and the toolkit's own imports), then `probes.bench` at the real 7-8B shapes with random weights:
 every shape without --compile, a second Qwen2.5-VL run with fewer captions (peak memory must not grow with
-the number of captions), then every shape with --compile. Each step runs as a subprocess with its own
+the number of captions), a profile of where the engines' time goes on that shape (scripts/gpu_profile.py),
+then every shape with --compile. Each step runs as a subprocess with its own
 timeout (what is left of the limit, at most a few times its expected seconds), its output in OUT/NAME.log;
 each result lands as OUT/NAME.json as soon as it exists, and OUT/summary.json is rewritten after every
 step, so a time-out keeps what finished. A summary table and the issue's goals are printed at the end.
@@ -56,6 +57,9 @@ QUICK_BENCH = dict(max_new_tokens=8, batch_size=4)
 QUICK_SIZES = {"": (12, 2, False, 20), "mem": (4, 1, True, 12), "other": (12, 2, False, 20),
                "compile": (4, 1, True, 150)}
 TEST_SECONDS = {False: 90, True: 15}
+PROFILE = {False: (["--shape", GOAL_SHAPE, "--captions", "128", "--max-new-tokens", "32"], 45),
+           True: (["--quick", "--family", SHAPES[GOAL_SHAPE], "--captions", "8", "--batch-size", "4",
+                   "--max-new-tokens", "8"], 25)}
 TIMEOUT_FACTOR = 3.0     # a step's timeout: at most this many times its expected seconds ...
 MIN_FRACTION = 0.5       # ... and a step is skipped when less than this share of them is left
 RESERVE_S = 5.0          # kept for the summary
@@ -77,7 +81,7 @@ for name in shape_names():
 @dataclass
 class Step:
     name: str                 # also the stem of OUT/NAME.json and OUT/NAME.log
-    kind: str                 # "tests", "bench" or "check"
+    kind: str                 # "tests", "bench", "profile" (these two write OUT/NAME.json) or "check"
     argv: list[str]           # after the python executable
     expected_s: float
     status: str = "pending"   # ok, failed, timeout, skipped
@@ -119,6 +123,8 @@ def plan(quick: bool) -> list[Step]:
                                           *gpu_test_files()], TEST_SECONDS[quick]))
     steps.append(bench_step(shapes[0], "", quick))
     steps.append(bench_step(shapes[0], "mem", quick))
+    profile_args, profile_s = PROFILE[quick]
+    steps.append(Step(f"{shapes[0]}-profile", "profile", ["scripts/gpu_profile.py", *profile_args], profile_s))
     steps += [bench_step(s, "other", quick) for s in shapes[1:]]
     for s in shapes:
         step = bench_step(s, "compile", quick)
@@ -146,7 +152,7 @@ def step_timeout(step: Step, left: float) -> float | None:
 def run_step(step: Step, out: Path, timeout: float, python: str) -> None:
     """Run one step as its own process group (killed whole at its timeout); collect its JSON."""
     argv = list(step.argv)
-    if step.kind == "bench":
+    if step.kind in ("bench", "profile"):
         argv += ["--json", str(out / f"{step.name}.json")]
     elif step.kind == "tests":
         at = argv.index("gpu") + 1
@@ -162,8 +168,11 @@ def run_step(step: Step, out: Path, timeout: float, python: str) -> None:
         try:
             step.rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)     # the bench's DataLoader workers too
-            proc.wait()
+            pass
+        finally:                                    # at the timeout, or when this script is stopped
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)     # the whole group: the bench's DataLoader workers too
+                proc.wait()
     step.seconds = round(time.monotonic() - t0, 1)
     collect(step, out, log)
 
@@ -178,7 +187,7 @@ def collect(step: Step, out: Path, log: Path) -> None:
     if step.kind == "tests":
         step.result = tests_from_junit(out / "tests.xml") or tests_from_log(log)
         (out / "tests.json").write_text(json.dumps(step.result, indent=1) + "\n")
-    elif step.kind == "bench" and (out / f"{step.name}.json").is_file():
+    elif step.kind in ("bench", "profile") and (out / f"{step.name}.json").is_file():
         step.result = json.loads((out / f"{step.name}.json").read_text())
     elif step.kind == "check":
         step.result = {"lines": log.read_text().splitlines()[1:]}
@@ -225,14 +234,14 @@ def preflight(quick: bool) -> tuple[dict, dict[str, str]]:
     env["commit"] = _git_commit()
     blocked = {}
     if not quick and not env["cuda"]:
-        blocked["tests"] = blocked["bench"] = "no CUDA device here (torch.cuda.is_available() is False); " \
+        blocked["tests"] = blocked["bench"] = blocked["profile"] = "no CUDA device here (torch.cuda.is_available() is False); " \
                                               "--quick checks the flow on a CPU"
     if env["pytest"] is None:
         blocked["tests"] = "pytest is not installed"
     try:
         importlib.import_module("probes.bench")
     except Exception as e:  # noqa: BLE001  (any import failure rules the bench out; say which)
-        blocked["bench"] = blocked["check"] = f"probes.bench does not import: {type(e).__name__}: {e}"
+        blocked["bench"] = blocked["profile"] = blocked["check"] = f"probes.bench does not import: {type(e).__name__}: {e}"
     return env, blocked
 
 
@@ -303,6 +312,10 @@ def summary_table(steps: list[Step]) -> str:
                     f"{_fmt(None if mfu is None else 100 * mfu, '.1f'):>8}"
                     f"{_fmt((r.get('cache') or {}).get('ratio'), '.2f'):>7}"
                     f"{_fmt(m['tf_engine']['peak_mem_bytes'] / 2**30, '.1f'):>8}G{agree:>7}")
+        elif s.kind == "profile" and s.result:
+            busy = [s.result[k]["torch_profiler"]["device_busy_share"] for k in ("teacher_forced", "generate")]
+            row += "  device busy: " + ", ".join(f"{k} {_fmt(None if b is None else 100 * b, '.0f')}%"
+                                                 for k, b in zip(("teacher-forced", "generation"), busy))
         elif s.kind == "tests" and s.result:
             t = s.result
             row += f"  {t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped"
@@ -310,6 +323,57 @@ def summary_table(steps: list[Step]) -> str:
             row += f"  [{s.reason}]"
         lines.append(row)
     return "\n".join(lines)
+
+
+MD_HEAD = ("| date | device | shape, run | captions (study) | (1) / (2) / (3) / (4) pairs/s | (3)/(1), goal >= 50x "
+           "| MFU (3), goal >= 40% | (4)/(1), goal >= 10x | cache 2nd/1st, goal <= 0.60 | peak (3) / (4) GiB "
+           "| peak flat in captions, (3) / (4) | agreement (4) vs (1) |")
+
+
+def markdown_rows(steps: list[Step], doc: dict) -> list[str]:
+    """BENCHMARKS.md's GPU table rows, the GPU tests' line and the profile's line, from this run."""
+    env, flat = doc["env"], {g["goal"].rsplit(", ", 1)[1]: g for g in doc["goals"] if g["goal"].startswith("peak")}
+    date, device = env["date"][:10], env["device"]
+    rows = [MD_HEAD, "|" + "---|" * (MD_HEAD.count(" | ") + 1)]
+    for s in steps:
+        r = s.result if s.kind == "bench" and s.status == "ok" else None
+        if r is None:
+            continue
+        m, ratio = r["methods"], r["ratios"]
+        suffix = s.name.split("-", 1)[1] if "-" in s.name else ""
+        run = {"": "plain", "mem": "fewer captions", "compile": "--compile"}.get(suffix, suffix)
+        rates = " / ".join(_fmt(m[k]["pairs_per_s"]) for k in ("study", "naive", "tf_engine", "gen_engine"))
+        mfu = m["tf_engine"]["mfu"]
+        peaks = " / ".join(_fmt(m[k]["peak_mem_bytes"] / 2**30) for k in ("tf_engine", "gen_engine"))
+        flat_cell = " / ".join(f"x{_fmt(flat[k]['measured'], '.2f')}" for k in ("teacher-forced engine",
+                                                                              "generation engine")
+                               if k in flat) if s.name == GOAL_SHAPE else ""
+        a = r["agreement"]
+        rows.append(f"| {date} | {device} | {r['shape'] or r['family'] + ' tiny'}, {run} | {r['captions']} "
+                    f"({r['study_captions']}) | {rates} | {_fmt(ratio['tf_vs_study'])}x "
+                    f"| {'-' if mfu is None else f'{100 * mfu:.1f}%'} | {_fmt(ratio['gen_vs_study'])}x "
+                    f"| {_fmt((r.get('cache') or {}).get('ratio'), '.2f')} | {peaks} | {flat_cell} "
+                    f"| {a['gen_identical']}/{a['gen_compared']} identical; TF vs naive number_mass "
+                    f"{_fmt(a['tf_vs_naive_number_mass'], '.1e')} |")
+    for s in steps:
+        if s.kind == "tests" and s.result:
+            t = s.result
+            rows.append(f"\nGPU tests (`pytest -m gpu`), {date}, {device}: {t['passed']} passed, {t['failed']} failed, "
+                        f"{t['errors']} errors, {t['skipped']} skipped" + "".join(f"\n- {f}" for f in t["failures"]))
+        if s.kind == "profile" and s.status == "ok":
+            rows.append(profile_line(s.result))
+    return rows
+
+
+def profile_line(r: dict) -> str:
+    parts = []
+    for key, label in (("teacher_forced", "teacher-forced"), ("generate", "generation")):
+        t = r[key]["torch_profiler"]
+        busy = "" if t["device_busy_share"] is None else f", device busy {100 * t['device_busy_share']:.0f}%"
+        top = "; ".join(f"{e['name'][:60]} {e['ms']:.0f} ms" for e in (t["top_device"] or t["top_cpu"])[:3])
+        parts.append(f"{label} {t['wall_s']:.2f} s wall{busy} (top: {top})")
+    return f"\nWhere the time goes ({r['what']}, {r['captions']} captions, batch {r['batch_size']}, " \
+           f"{r['max_new_tokens']} new tokens): " + "; ".join(parts)
 
 
 def write_summary(out: Path, env: dict, steps: list[Step], budget: float, started: float) -> dict:
@@ -332,6 +396,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def interrupt(signum, frame):
+    """SIGTERM (an outer `timeout`) stops the check like Ctrl-C: the running step is killed, the summary kept."""
+    raise KeyboardInterrupt
+
+
+def run_plan(steps: list[Step], out: Path, env: dict, blocked: dict, args, started: float) -> None:
+    deadline = started + args.budget
+    for s in steps:
+        if s.status == "skipped":
+            continue
+        left = deadline - time.monotonic() - RESERVE_S
+        timeout = step_timeout(s, left)
+        if s.kind in blocked:
+            s.status, s.reason = "skipped", blocked[s.kind]
+        elif timeout is None:
+            s.status, s.reason = "skipped", f"out of time: {left:.0f} s left, expected {s.expected_s:.0f} s"
+        else:
+            try:
+                run_step(s, out, timeout, args.python)
+            except KeyboardInterrupt:
+                s.status, s.reason = "timeout", "interrupted (SIGTERM or Ctrl-C)"
+                for rest in steps:
+                    if rest.status == "pending":
+                        rest.status, rest.reason = "skipped", "interrupted"
+            if s.kind == "tests" and s.status == "ok" and env["cuda"] and s.result["skipped"]:
+                s.status, s.reason = "failed", f"{s.result['skipped']} GPU test(s) skipped on a GPU machine"
+        print(f"[{time.monotonic() - started:5.0f} s] {s.name}: {s.status}"
+              + (f" in {s.seconds:.0f} s" if s.seconds is not None else "") + (f" ({s.reason})" if s.reason else ""),
+              flush=True)
+        write_summary(out, env, steps, args.budget, started)
+
+
+def report(steps: list[Step], doc: dict, quick: bool) -> None:
+    print("\n" + summary_table(steps))
+    print("  (1) study probe, (2) naive per-sample, (3) teacher-forced engine, (4) generation engine: pairs/s; "
+          "peak(3): allocator/RSS peak, GiB; agree: identical greedy sequences (4) vs (1)")
+    for g in doc["goals"]:
+        verdict = {True: "met", False: "NOT met", None: "n/a"}[g["met"]]
+        print(f"goal: {g['goal']}: {_fmt(g['measured'], '.3g')} -> {verdict} ({g['how']})")
+    if quick:
+        print("(--quick: CPU and tiny models; the goals are for a GPU and the 7B shape)")
+    print("\nBENCHMARKS.md rows (GPU section):")
+    print("\n".join(markdown_rows(steps, doc)))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
@@ -349,37 +458,15 @@ def main(argv=None) -> int:
         return 0
     out = Path(args.out or ROOT / "runs" / ("gpu-check-quick" if args.quick else "gpu-check"))
     out.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, interrupt)
     env, blocked = preflight(args.quick)
     print(f"gpu_check: {env['mode']} on {env['host']} ({env['device']}), torch {env['torch']}, transformers "
           f"{env['transformers']}; limit {args.budget:.0f} s; results in {out}", flush=True)
-    deadline = started + args.budget
-    for s in steps:
-        if s.status == "skipped":
-            continue
-        if s.kind in blocked:
-            s.status, s.reason = "skipped", blocked[s.kind]
-        else:
-            left = deadline - time.monotonic() - RESERVE_S
-            timeout = step_timeout(s, left)
-            if timeout is None:
-                s.status, s.reason = "skipped", f"out of time: {left:.0f} s left, expected {s.expected_s:.0f} s"
-            else:
-                run_step(s, out, timeout, args.python)
-                if s.kind == "tests" and s.status == "ok" and env["cuda"] and s.result["skipped"]:
-                    s.status, s.reason = "failed", f"{s.result['skipped']} GPU test(s) skipped on a GPU machine"
-        print(f"[{time.monotonic() - started:5.0f} s] {s.name}: {s.status}"
-              + (f" in {s.seconds:.0f} s" if s.seconds is not None else "") + (f" ({s.reason})" if s.reason else ""),
-              flush=True)
-        write_summary(out, env, steps, args.budget, started)
-    doc = write_summary(out, env, steps, args.budget, started)
-    print("\n" + summary_table(steps))
-    print("  (1) study probe, (2) naive per-sample, (3) teacher-forced engine, (4) generation engine: pairs/s; "
-          "peak(3): allocator/RSS peak, GiB; agree: identical greedy sequences (4) vs (1)")
-    for g in doc["goals"]:
-        verdict = {True: "met", False: "NOT met", None: "n/a"}[g["met"]]
-        print(f"goal: {g['goal']}: {_fmt(g['measured'], '.3g')} -> {verdict} ({g['how']})")
-    if args.quick:
-        print("(--quick: CPU and tiny models; the goals are for a GPU and the 7B shape)")
+    try:
+        run_plan(steps, out, env, blocked, args, started)
+    except KeyboardInterrupt:       # between two steps: what finished is in the summary
+        print("gpu_check: interrupted", flush=True)
+    report(steps, write_summary(out, env, steps, args.budget, started), args.quick)
     print(f"summary: {out / 'summary.json'}; {time.monotonic() - started:.0f} s in all")
     bad = [s.name for s in steps if s.status in ("failed", "timeout")
            or (s.status == "skipped" and s.name not in LATER and not s.reason.startswith("quick mode"))]
