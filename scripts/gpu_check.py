@@ -232,6 +232,11 @@ def preflight(quick: bool) -> tuple[dict, dict[str, str]]:
         spec = importlib.util.find_spec(mod)
         env[mod] = _version(mod) if spec else None
     env["commit"] = _git_commit()
+    try:        # DataLoader workers pass batches through shared memory: a small /dev/shm breaks them
+        st = os.statvfs("/dev/shm")
+        env["dev_shm_free_gib"] = round(st.f_bavail * st.f_frsize / 2**30, 1)
+    except OSError:
+        env["dev_shm_free_gib"] = None
     blocked = {}
     if not quick and not env["cuda"]:
         blocked["tests"] = blocked["bench"] = blocked["profile"] = "no CUDA device here (torch.cuda.is_available() is False); " \
