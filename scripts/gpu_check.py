@@ -319,7 +319,7 @@ def summary_table(steps: list[Step]) -> str:
                     f"{_fmt(m['tf_engine']['peak_mem_bytes'] / 2**30, '.1f'):>8}G{agree:>7}")
         elif s.kind == "profile" and s.result:
             busy = [s.result[k]["torch_profiler"]["device_busy_share"] for k in ("teacher_forced", "generate")]
-            row += "  device busy: " + ", ".join(f"{k} {_fmt(None if b is None else 100 * b, '.0f')}%"
+            row += "  device busy: " + ", ".join(f"{k} {'-' if b is None else f'{100 * b:.0f}%'}"
                                                  for k, b in zip(("teacher-forced", "generation"), busy))
         elif s.kind == "tests" and s.result:
             t = s.result
