@@ -106,9 +106,9 @@ def build_model(args):
         model, processor = build_shape(args.shape, device=args.device, dtype=dtype, attn_implementation=attn)
         return model, processor, f"shape {args.shape} (random weights)"
     if args.ckpt:
-        from .loading import load_for_inference
+        from training.checkpoints import LoadOptions, load
 
-        model, processor = load_for_inference(args.ckpt, dtype=dtype, device=args.device, attn_implementation=attn)
+        model, processor = load(args.ckpt, LoadOptions(dtype=dtype, device=args.device, attn=attn))
         return model, processor, f"checkpoint {args.ckpt}"
     model, processor = get_family(args.family).build_tiny(seed=args.seed)
     return model.to(args.device, dtype), processor, f"{args.family} tiny model"
@@ -442,7 +442,8 @@ def main(argv=None) -> int:
                          gen_compared=len(same), gen_vs_study_number_mass=d_gen)
         header = dict(what=what, n_params=n_params, n_lm=counter.n_lm, n_head=counter.n_head, n_vis=counter.n_vis,
                       n_proj=counter.n_proj, vocab=counter.n_head // counter.hidden, device_name=dev_name,
-                      dtype=str(model.dtype).removeprefix("torch."), load=load)
+                      dtype=str(model.dtype).removeprefix("torch."), load=load,
+                      argv=list(argv) if argv is not None else sys.argv[1:])
         write_json(args.json, json_report(args, header, results, peak, agreement, cache))
     return 0
 
@@ -464,7 +465,7 @@ def json_report(args, header: dict, results: list[Result], peak: float | None, a
     study, naive, tf, gen = results
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), host=platform.node(),
-        argv=sys.argv[1:], shape=args.shape, ckpt=args.ckpt, family=None if (args.shape or args.ckpt) else args.family,
+        shape=args.shape, ckpt=args.ckpt, family=None if (args.shape or args.ckpt) else args.family,
         device=args.device, torch=torch.__version__, transformers=transformers.__version__,
         peak_tflops=peak / 1e12 if peak else None, captions=args.num_captions, study_captions=args.study_captions,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, compile=args.compile, attn=args.attn,
