@@ -41,10 +41,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the toolkit's packages live at the repository root
 
-# The real shapes, in the order they are measured; the first one carries the issue's goals.
+# The real shapes -> their family (whose tiny model --quick uses), in the order they are measured; the first
+# one carries the issue's goals.
 SHAPES = {"qwen2_5_vl_7b": "qwen2_5_vl", "llava_onevision_7b": "llava_onevision", "llava_next_8b": "llava_next"}
-# Measured once their shape file exists in probes/shapes (the any-model issue adds the Qwen3-VL family).
-LATER = {"qwen3_vl_8b": "needs the any-model issue: a Qwen3-VL family adapter and probes/shapes/qwen3_vl_8b.json"}
+# Shapes that join the plan (after SHAPES) by themselves once their file exists in probes/shapes.
+LATER = {"qwen3_vl_8b": "qwen3_vl"}
+LATER_WHY = "needs the any-model issue: a Qwen3-VL family adapter and probes/shapes/qwen3_vl_8b.json"
 GOAL_SHAPE = "qwen2_5_vl_7b"
 
 # Sizes. GPU: about 5 s per caption for the per-sample study probe at 7B and 256 new tokens, so it gets a
@@ -101,7 +103,7 @@ def gpu_test_files() -> list[str]:
 def bench_step(shape: str, variant: str, quick: bool) -> Step:
     sizes, common = (QUICK_SIZES, QUICK_BENCH) if quick else (GPU_SIZES, GPU_BENCH)
     captions, study, skip_cache, expected = sizes[variant]
-    source = ["--quick", "--family", SHAPES.get(shape, shape)] if quick else ["--shape", shape]
+    source = ["--quick", "--family", {**SHAPES, **LATER}[shape]] if quick else ["--shape", shape]
     argv = ["-m", "probes.bench", *source, "--num-captions", str(captions), "--study-captions", str(study),
             "--batch-size", str(common["batch_size"]), "--max-new-tokens", str(common["max_new_tokens"])]
     if variant == "compile":
@@ -131,7 +133,7 @@ def plan(quick: bool) -> list[Step]:
         if quick and s != shapes[0]:
             step.status, step.reason = "skipped", "quick mode compiles one shape only (inductor on a CPU: minutes)"
         steps.append(step)
-    steps += [Step(s, "bench", [], 0, "skipped", why) for s, why in LATER.items() if s not in shipped]
+    steps += [Step(s, "bench", [], 0, "skipped", LATER_WHY) for s in LATER if s not in shipped]
     return steps
 
 
