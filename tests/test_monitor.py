@@ -185,10 +185,10 @@ def test_the_budget_controller_takes_any_probe(tmp_path):
     stages = [{"index": 0, "name": "base", "task": None, "path": "stage-00-base"},
               {"index": 1, "name": "t", "task": "t", "path": "stage-01-t"}]
     mon = monitor_mod.DriftMonitor({"monitor": m}, tmp_path, stages, _ScriptedProbe(0.1, [0.1, 0.2, 0.35]))
-    mon.start_stage(1, model=None)
-    assert not mon.after_step(1, None, None, None) and not mon.after_step(2, None, None, None)
-    assert mon.after_step(4, None, None, None)                     # |0.35 - 0.1| > 0.2: stop
-    assert mon.end_stage(4, None)["monitor_stopped_at"] == 4
+    mon.on_stage_start(1, model=None)
+    assert not mon.on_step(1, None, None, None) and not mon.on_step(2, None, None, None)
+    assert mon.on_step(4, None, None, None)                     # |0.35 - 0.1| > 0.2: stop
+    assert mon.on_stage_end(4, None)["monitor_stopped_at"] == 4
     df = pd.read_parquet(tmp_path / monitor_mod.MONITOR_FILE)
     assert df[["stage", "step", "value", "event"]].values.tolist() == [
         [0, 0, 0.1, ""], [1, 0, 0.1, ""], [1, 2, 0.2, ""], [1, 4, 0.35, "budget_stop"]]

@@ -21,8 +21,9 @@ Drift budget (off unless `monitor.budget` is set): when |P - P_ref| > budget for
 `monitor.lr_factor` and goes on (checked again at the next check).
 
 Built by training.run before stage 0 is written (what can be checked is checked then); the probe's
-reference (and stage 0's values) is made at the first check. Checks run inside training.loop.train_stage (hooks: start after
-accelerator.prepare, after every optimizer step, end), so a stage's `seconds` include them.
+reference (and stage 0's values) is made at the first check. Checks run inside training.loop.train_stage
+(its StageHooks: start after accelerator.prepare, after every optimizer step, end), so a stage's `seconds`
+include them.
 
 The monitor never changes the training: the probe runs in eval mode under inference_mode with a forked
 RNG (the model's train mode is restored), so a run with the monitor and no budget gives bitwise the
@@ -40,10 +41,13 @@ from typing import Protocol
 import pandas as pd
 
 from .config import ConfigError
+from .loop import StageHooks
 
 MONITOR_FILE = "monitor.parquet"
 COLUMNS = ["run", "stage", "stage_name", "task", "step", "probe", "value", "std", "n_samples", "n_positions",
            "seconds", "lr_scale", "event", "dataset", "dataset_hash"]
+
+
 class MonitorError(ConfigError):
     """A monitor that cannot run with this config or run; the message names the key."""
 
@@ -61,7 +65,7 @@ class Probe(Protocol):
         """The model's values and the seconds the check took."""
 
 
-class DriftMonitor:
+class DriftMonitor(StageHooks):
     """Built by `create`; its probe's reference (and stage 0's values) is made at the first check, when stage 0
     exists."""
 
@@ -116,7 +120,7 @@ class DriftMonitor:
             raise
 
     # -- the stage -----------------------------------------------------------------------------------
-    def start_stage(self, index: int, model) -> None:
+    def on_stage_start(self, index: int, model) -> None:
         """Check the model stage `index` starts from (step 0); rows an interrupted run left for this stage or
         later ones are dropped first."""
         if self.base_values is None:
@@ -136,7 +140,7 @@ class DriftMonitor:
                   event)
         return values
 
-    def after_step(self, step: int, model, optimizer, scheduler) -> bool:
+    def on_step(self, step: int, model, optimizer, scheduler) -> bool:
         """Called after every optimizer step; True when the stage must stop (drift budget exceeded)."""
         if step % int(self.cfg["every"]):
             return False
@@ -168,11 +172,11 @@ class DriftMonitor:
                 r["event"], r["lr_scale"] = event, self.lr_scale
         self._write()
 
-    def end_stage(self, steps: int, model) -> dict:
-        """Check the stage's last step (unless just checked); returns what the stage_end log line records."""
+    def on_stage_end(self, steps: int, model) -> dict:
+        """Check the stage's last step (unless just checked); returns the stage's train_log.jsonl record."""
         if self.last_step != steps:
             self._check(steps, model, "")
-        return {"monitor_checks": self.checks, "monitor_seconds_per_check": round(self.seconds / max(self.checks, 1), 5),
+        return {"event": "monitor", "monitor_checks": self.checks, "monitor_seconds_per_check": round(self.seconds / max(self.checks, 1), 5),
                 "monitor_stopped_at": steps if self.stopped else None, "monitor_lr_scale": self.lr_scale}
 
 
