@@ -39,7 +39,8 @@ from . import table
 from .captions import CaptionDataError
 from .cli import add_loading_arguments
 from .discover import DiscoveryError, RunDir, discover
-from .engine import EncodeCache, Engine
+from .batching import EncodeCache
+from .engine import Engine
 from .loading import load_for_inference
 from .run import broadcast, gather, init_distributed, pick_device
 from .scorers import SCORERS, get_scorer

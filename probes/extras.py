@@ -16,7 +16,7 @@ from pathlib import Path
 from training.families import CheckpointError
 
 from . import drift
-from .engine import probe_names
+from .stats import probe_names
 from .signatures import MIN_COUNT, PRIOR, TOP_K, Z_MIN, Signature, SignatureError, derive_all, write_json
 
 
@@ -87,7 +87,8 @@ class Extras:
                                       "different vocabularies is not defined")
             model, _ = load_for_inference(self.base_path, dtype=dtype, device=device, attn_implementation=attn,
                                           processor=eng.processor, **self.safety)
-            self.ref = drift.BaseReference(model, eng.processor, encode_cache=cache, name=str(self.base_path))
+            self.ref = drift.BaseReference(model, eng.processor, encode_cache=cache,
+                                          vision_cache=eng.forward.vision_cache, name=str(self.base_path))
         out = drift.teacher_forced(eng, self.ref, samples, batches, progress=progress)
         self.ref.release_model()       # every batch of this rank's plan is cached: keep only the base's head
         return out

@@ -25,7 +25,8 @@ from training.families import CheckpointError
 from . import benchmarks as B
 from .captions import CaptionDataError
 from .discover import DiscoveryError, discover
-from .engine import EncodeCache, Engine
+from .batching import EncodeCache
+from .engine import Engine
 from .loading import load_for_inference, load_processor_for
 from .run import pick_device
 from .signatures import SignatureError, task_files

@@ -34,7 +34,9 @@ from .captions import CaptionDataError, load_captions
 from .cli import add_loading_arguments
 from .discover import DiscoveryError, RunDir, discover
 from .drift import DriftError
-from .engine import MAX_NEW_TOKENS, EncodeCache, Engine
+from .batching import EncodeCache
+from .decode import MAX_NEW_TOKENS
+from .engine import Engine
 from .loading import load_for_inference, load_processor_for
 from .tokensets import TOKEN_SETS, decoded_vocab, token_set, vocab_fingerprint
 from .vision_cache import VisionCache

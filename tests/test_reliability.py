@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from probes import benchmarks as B
 from probes import table
 from probes.captions import CaptionDataError, Sample, load_captions
-from probes.engine import Engine, NonFiniteLogits
+from probes.engine import Engine
+from probes.stats import NonFiniteLogits
 from probes.evaluate import main as evaluate
 from probes.lmms_eval_import import main as lmms_import
 from probes.loading import load_for_inference
