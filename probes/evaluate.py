@@ -36,10 +36,10 @@ from training.families import CheckpointError
 
 from . import benchmarks as B
 from . import table
+from .batching import EncodeCache
 from .captions import CaptionDataError
 from .cli import add_loading_arguments
 from .discover import DiscoveryError, RunDir, discover
-from .batching import EncodeCache
 from .engine import Engine
 from .loading import load_for_inference
 from .run import broadcast, gather, init_distributed, pick_device

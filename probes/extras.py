@@ -16,8 +16,8 @@ from pathlib import Path
 from training.families import CheckpointError
 
 from . import drift
-from .stats import probe_names
 from .signatures import MIN_COUNT, PRIOR, TOP_K, Z_MIN, Signature, SignatureError, derive_all, write_json
+from .stats import probe_names
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

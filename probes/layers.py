@@ -50,11 +50,11 @@ from tqdm.auto import tqdm
 from training.families import CheckpointError, family_of_model
 
 from . import table
+from .batching import EncodeCache
 from .captions import CaptionDataError
 from .cli import add_loading_arguments
 from .discover import DiscoveryError, discover
 from .drift import DriftError
-from .batching import EncodeCache
 from .engine import Engine
 from .loading import load_for_inference, load_processor_for
 from .run import caption_set, pick_device

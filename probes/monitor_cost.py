@@ -23,9 +23,9 @@ from pathlib import Path
 from training.families import CheckpointError
 
 from . import benchmarks as B
+from .batching import EncodeCache
 from .captions import CaptionDataError
 from .discover import DiscoveryError, discover
-from .batching import EncodeCache
 from .engine import Engine
 from .loading import load_for_inference, load_processor_for
 from .run import pick_device

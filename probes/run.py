@@ -30,12 +30,12 @@ from training.families import CheckpointError
 
 from . import extras as drift_extras
 from . import table
+from .batching import EncodeCache
 from .captions import CaptionDataError, load_captions
 from .cli import add_loading_arguments
+from .decode import MAX_NEW_TOKENS
 from .discover import DiscoveryError, RunDir, discover
 from .drift import DriftError
-from .batching import EncodeCache
-from .decode import MAX_NEW_TOKENS
 from .engine import Engine
 from .loading import load_for_inference, load_processor_for
 from .tokensets import TOKEN_SETS, decoded_vocab, token_set, vocab_fingerprint

@@ -16,7 +16,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .vocab import DEFAULT_CHUNK_ELEMS, Argmax, Chunk, Counter, Head, LogSumExp, LogSumExpOf, block_shape, reduce_vocab
+from .vocab import (
+    DEFAULT_CHUNK_ELEMS,
+    Argmax,
+    Chunk,
+    Counter,
+    Head,
+    LogSumExp,
+    LogSumExpOf,
+    block_shape,
+    reduce_vocab,
+)
 
 
 class NonFiniteLogits(ValueError):

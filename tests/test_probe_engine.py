@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from probes.captions import Sample
 from probes.batching import EncodeCache
+from probes.captions import Sample
 from probes.engine import Engine
 from probes.stats import vocab_stats
 from probes.vision_cache import VisionCache

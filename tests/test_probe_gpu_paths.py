@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from probes.bench import main as bench_main
 from probes.batching import EncodeCache
+from probes.bench import main as bench_main
 from probes.engine import Engine
 from probes.vision_cache import VisionCache
 
