@@ -10,14 +10,16 @@ logits c over the whole output vocabulary V:
 Per sample both are averaged over its positions, then summarised over samples like every other probe
 (docs/probes.md). The base and the checkpoint run over the SAME batches (same samples, same padding), each
 with its own output projection; nothing of vocabulary size is stored: for a block of rows, both models'
-logits are made one vocabulary chunk at a time (the projection in the model's dtype, the rest in fp64)
-and the KL is accumulated online (running max m_b,
+logits are made one vocabulary chunk at a time by `probes.vocab`'s reducer (the projection in the model's
+dtype, the rest in fp64) and the KL is accumulated online on its log-sum-exp (running max m_b,
 S = sum e^(b - m_b), T = sum e^(b - m_b) (b - c), both rescaled when m_b grows; KL = T/S - lse_b + lse_c),
-so memory is bounded by `chunk_elems` like the engine's log-sum-exp. A checkpoint identical to the base
+so memory is bounded by `chunk_elems` like the engine's statistics. A checkpoint identical to the base
 gives KL exactly 0 and agreement exactly 1.
 
-The base's hidden states at the caption positions are cached per batch (bounded by `max_bytes`); once every
-batch is cached the base model itself is released and only its output projection is kept.
+Both models run through the engine's forward (`probes.forward`: the caption positions, the vision cache
+when the engines have one). The base's hidden states at the caption positions are cached per batch
+(bounded by `max_bytes`); once every batch is cached the base model itself is released and only its output
+projection is kept.
 
     ref = BaseReference(base_model, processor)
     per_sample = teacher_forced(Engine(ckpt_model, processor), ref, samples, batches)

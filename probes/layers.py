@@ -12,7 +12,8 @@ Hook points (forward hooks, TransformerLens-style stable names):
     blocks.{i}.mlp_out    output of layers[i].mlp (after down_proj: the write-back)
     ln_final.input        the residual stream entering the final norm (for its scale)
 
-Both models run on the same batch; at each position p, D = out_checkpoint - out_base (a d-vector). The final
+Both models run on the same batch through the engine's forward (`probes.forward`: the caption positions, the
+vision cache shared by the stages); at each position p, D = out_checkpoint - out_base (a d-vector). The final
 RMSNorm is linearised at the base (the direct-logit-attribution convention, with the base's cached scale):
     u = gamma_base * D / rms_base(x_final(p)),   rms(x) = sqrt(mean(x^2) + eps)
 and dL = W_U u is the logit-space change (W_U the base's output projection; a bias cancels). Measures:
