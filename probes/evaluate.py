@@ -32,9 +32,10 @@ from training.checkpoints import load
 
 from . import benchmarks as B
 from . import table
+from .batching import EncodeCache
 from .cli import add_loading_arguments
 from .discover import RunDir
-from .engine import EncodeCache, Engine
+from .engine import Engine
 from .scorers import SCORERS, get_scorer
 from .sweep import Command, SweepOptions, sweep
 

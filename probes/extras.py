@@ -21,9 +21,11 @@ from training.checkpoints import LoadOptions, load, load_processor
 from training.families import CheckpointError
 
 from . import drift
-from .engine import EncodeCache, probe_names
+from .batching import EncodeCache
 from .signatures import MIN_COUNT, PRIOR, TOP_K, Z_MIN, Signature, SignatureError, derive_all, write_json
+from .stats import probe_names
 from .tokensets import vocab_fingerprint
+from .vision_cache import VisionCache
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ class Extras:
         out = probe_names(list(token_sets) + list(self.sig_sets))
         return out + list(drift.DRIFT_PROBES) if self.drift and mode == "teacher-forced" else out
 
-    def start(self, processor, samples, batch_size: int, share, opts: LoadOptions, cache: EncodeCache) -> None:
+    def start(self, processor, samples, batch_size: int, share, opts: LoadOptions, cache: EncodeCache,
+              vision_cache: VisionCache | None = None) -> None:
         """The base reference: the base (with the run's processor) over this rank's share of the teacher-forced
         plan, its hidden states cached, then the model released when they all fit (only its head stays)."""
         own = load_processor(self.base_path, opts)
@@ -105,7 +108,8 @@ class Extras:
             raise CheckpointError(f"{self.base_path}: the base's tokenizer differs from the run's; KL over "
                                   "different vocabularies is not defined")
         model, _ = load(self.base_path, opts, processor=processor)
-        self.ref = drift.BaseReference(model, processor, encode_cache=cache, name=str(self.base_path))
+        self.ref = drift.BaseReference(model, processor, encode_cache=cache, vision_cache=vision_cache,
+                                       name=str(self.base_path))
         del model
         for idx in share(self.ref.engine.plan(samples, batch_size, True)):
             self.ref.rows(samples, idx)

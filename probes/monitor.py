@@ -40,12 +40,14 @@ from training.checkpoints import LoadOptions, load, load_processor
 from training.families import CheckpointError
 
 from . import benchmarks as B
+from .batching import EncodeCache
 from .captions import CaptionDataError, Sample, load_captions, subset_hash
 from .cli import pick_device
 from .discover import DiscoveryError, discover
 from .drift import DRIFT_PROBES, BaseReference, DriftError, teacher_forced
-from .engine import EncodeCache, Engine, probe_names
+from .engine import Engine
 from .signatures import SignatureError, derive, read_answers, set_name, task_files
+from .stats import probe_names
 from .table import summarize
 from .tokensets import decoded_vocab, token_set
 

@@ -26,11 +26,13 @@ from training.families import CheckpointError
 
 from . import extras as drift_extras
 from . import table
+from .batching import EncodeCache
 from .captions import CaptionDataError, load_captions
 from .cli import add_loading_arguments
+from .decode import MAX_NEW_TOKENS
 from .discover import RunDir
 from .drift import DriftError
-from .engine import MAX_NEW_TOKENS, EncodeCache, Engine
+from .engine import Engine
 from .sweep import Command, SweepOptions, sweep
 from .tokensets import TOKEN_SETS, decoded_vocab, token_set, vocab_fingerprint
 from .vision_cache import VisionCache
@@ -176,7 +178,7 @@ class ProbeRun(Command):
         self.set_ids = {s: token_set(tok, s, vocab) for s in self.opts.token_sets} | self.extras.sig_sets
         if self.extras.drift and any("teacher-forced" in modes for modes in units):
             self.extras.start(self.reference[1], self.caps.samples, self.opts.batch_size, self.procs.share,
-                              self.opts.load, self.encode_cache)
+                              self.opts.load, self.encode_cache, self.vision_cache)
 
     def open(self, ck) -> Engine:
         processor = load_processor(ck.path, self.opts.load)
