@@ -12,7 +12,8 @@ Hook points (forward hooks, TransformerLens-style stable names):
     blocks.{i}.mlp_out    output of layers[i].mlp (after down_proj: the write-back)
     ln_final.input        the residual stream entering the final norm (for its scale)
 
-Both models run on the same batch; at each position p, D = out_checkpoint - out_base (a d-vector). The final
+Both models run on the same batch through the engine's forward (`probes.forward`: the caption positions, the
+vision cache shared by the stages); at each position p, D = out_checkpoint - out_base (a d-vector). The final
 RMSNorm is linearised at the base (the direct-logit-attribution convention, with the base's cached scale):
     u = gamma_base * D / rms_base(x_final(p)),   rms(x) = sqrt(mean(x^2) + eps)
 and dL = W_U u is the logit-space change (W_U the base's output projection; a bias cancels). Measures:
@@ -30,15 +31,16 @@ first changed layer; before it, and for a checkpoint identical to the base, it i
 
 Columns: run, stage, stage_name, task, recipe, checkpoint, base, layer, component (attn|mlp), hook,
 measure, mean, std, ci_low, ci_high, n_samples, n_positions, dataset, dataset_hash; one row per
-(stage, layer, component, measure). One process (no torchrun); a rerun skips stages already written.
+(stage, layer, component, measure). One process (no torchrun); a rerun skips stages already written (the
+driver: probes.sweep).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import sys
-import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -46,18 +48,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from training.chat import collate
 from training.checkpoints import load, load_processor
 from training.families import CheckpointError, family_of_model
 
 from . import table
-from .captions import CaptionDataError
-from .cli import add_loading_arguments, load_options
-from .discover import DiscoveryError, discover
+from .batching import EncodeCache
+from .cli import add_loading_arguments
 from .drift import DriftError
-from .engine import EncodeCache, Engine, SampleAccumulator
+from .engine import Engine
 from .run import caption_set
+from .stats import SampleAccumulator
+from .sweep import Command, SweepOptions, sweep
 from .tokensets import token_set, vocab_fingerprint
+from .vision_cache import VisionCache
+from .vocab import Chunk, Head, LogSumExp, reduce_vocab
 
 COMPONENTS = {"attn": "self_attn", "mlp": "mlp"}
 MEASURES = ("logit_l2", "number_logit", "number_logmass", "resid_l2")
@@ -108,6 +112,22 @@ class Taps:
 
 
 # -- the base's readout ----------------------------------------------------------------------------
+class ExpectedRow:
+    """A `probes.vocab` accumulator: E_p[W] = sum_v p_v W_v per row (fp64), with acc = sum_v e^(z_v - m) W_v
+    rescaled like s when m grows, divided by s at the end."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.W, self.acc = weight, None
+
+    def add(self, chunks: Sequence[Chunk]) -> None:
+        c = chunks[0]
+        part = c.e @ self.W[c.c0:c.c1].double()
+        self.acc = part if c.alpha is None else c.alpha[:, None] * self.acc + part
+
+    def result(self, lse: Sequence[LogSumExp]) -> dict[str, torch.Tensor]:
+        return {"expected_w": self.acc / lse[0].s[:, None]}
+
+
 class Readout:
     """The base's final norm and unembedding, linearised (see the module docstring)."""
 
@@ -141,26 +161,14 @@ class Readout:
 
     def logmass_dir(self, h_normed: torch.Tensor) -> torch.Tensor:
         """E_q[W_num] - E_p[W] per row (N x d), from the base's final (normed) hidden rows; the expectation
-        over the whole vocabulary is accumulated in chunks with an online softmax."""
+        over the whole vocabulary is accumulated in chunks with an online softmax (all rows at once)."""
         N, V = h_normed.shape[0], self.W.shape[0]
         cols = max(1, min(V, self.chunk_elems // max(N, 1)))
-        m = s = acc = None
-        for c0 in range(0, V, cols):
-            w = self.W[c0:c0 + cols]
-            z = (h_normed.to(w.dtype) @ w.T).double()
-            cm = z.max(1).values
-            if m is None:
-                m = cm
-                e = torch.exp(z - m[:, None])
-                s, acc = e.sum(1), e @ w.double()
-                continue
-            nm = torch.maximum(m, cm)
-            a = torch.exp(m - nm)
-            e = torch.exp(z - nm[:, None])
-            s, acc, m = a * s + e.sum(1), a[:, None] * acc + e @ w.double(), nm
+        out = reduce_vocab([h_normed], [Head(self.W, None, torch.float64)], lambda: [ExpectedRow(self.W)],
+                           rows=max(N, 1), cols=cols)
         zn = (h_normed.to(self.W.dtype) @ self.W[self.num].T).double()
         q = torch.softmax(zn, dim=1)
-        return q @ self.W[self.num].double() - acc / s[:, None]
+        return q @ self.W[self.num].double() - out["expected_w"]
 
     def measures(self, delta: torch.Tensor, scale: torch.Tensor, lm_dir: torch.Tensor) -> dict[str, torch.Tensor]:
         u = delta.double() * self.gamma * scale[:, None]
@@ -169,12 +177,6 @@ class Readout:
 
 
 # -- one checkpoint against the base ---------------------------------------------------------------
-def _forward_rows(eng: Engine, taps: Taps, batch: dict, mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    with taps.capture(mask) as rows:
-        hidden = eng.base(**eng.to_device(batch), use_cache=False).last_hidden_state
-    return dict(rows), hidden[mask]
-
-
 @torch.inference_mode()
 def attribute(base: Engine, ck: Engine, readout: Readout, samples, batches: list[list[int]],
               progress: bool = False) -> dict[int, dict]:
@@ -187,15 +189,11 @@ def attribute(base: Engine, ck: Engine, readout: Readout, samples, batches: list
         raise CheckpointError(f"base has {tb.n_layers} decoder layers, the checkpoint {tc.n_layers}")
     names = [f"{h}|{m}" for h in tb.points for m in MEASURES]
     out: dict[int, dict] = {}
-    for idx in tqdm(batches, desc="layers", unit="batch", disable=not progress, leave=False):
-        exs = [ck.encode(samples[i], True) for i in idx]
-        batch = collate(exs, fam, ck.pad_id, "right")
-        answer = batch.pop("answer_mask").to(ck.device)
-        batch.pop("eot_mask")
-        mask = torch.zeros_like(answer)
-        mask[:, :-1] = answer[:, 1:]                      # position t predicts caption token t+1
-        rb, hb = _forward_rows(base, tb, batch, mask)
-        rc, _ = _forward_rows(ck, tc, batch, mask)
+    bar = tqdm(total=len(batches), desc="layers", unit="batch", disable=not progress, leave=False)
+    for idx, batch, keys in ck.stream(samples, batches, True, "right"):
+        hb, seg = base.forward.caption_rows(samples, idx, batch, keys, hooks=tb.capture)
+        ck.forward.caption_rows(samples, idx, batch, keys, hooks=tc.capture)
+        rb, rc = tb.rows, tc.rows
         scale = readout.scale(rb["ln_final.input"])
         lm_dir = readout.logmass_dir(hb)
         values = {}
@@ -203,9 +201,11 @@ def attribute(base: Engine, ck: Engine, readout: Readout, samples, batches: list
             for m, v in readout.measures(rc[h] - rb[h], scale, lm_dir).items():
                 values[f"{h}|{m}"] = v
         acc = SampleAccumulator(names, len(idx), ck.device)
-        acc.add(mask.nonzero()[:, 0], values)
+        acc.add(seg, values)
         for i, r in zip(idx, acc.result()):
             out[i] = r
+        bar.update()
+    bar.close()
     return out
 
 
@@ -228,7 +228,18 @@ def rows_for(run, ck, base_rel: str, per_sample: dict[int, dict], caps) -> list[
 
 
 # -- the command -----------------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
+@dataclass(frozen=True, kw_only=True)
+class LayersOptions(SweepOptions):
+    captions: str | None = None              # the caption set (default: run.json's)
+    images: str | None = None
+    num_samples: int | None = None
+    sample: str = "first"
+    seed: int = 0
+    batch_size: int = 16
+    base: str | None = None                  # the base checkpoint (default: the run's stage 0)
+
+
+def parse_args(argv=None) -> LayersOptions:
     ap = argparse.ArgumentParser(prog="python -m probes.layers", description=__doc__.split("\n")[0],
                                  epilog=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt-dir", required=True, help="a run directory (run.json) or a folder of checkpoints")
@@ -245,7 +256,81 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch-size must be at least 1")
-    return args
+    return LayersOptions.from_args(args)
+
+
+def read_layers(path: Path) -> pd.DataFrame:
+    return table.read_table(path, COLUMNS, DTYPES, "layer table")
+
+
+class Layers(Command):
+    """Per checkpoint, one unit: every layer's attribution against the base, which setup loads once."""
+    prog, table_file, sharded = "probes.layers", "layers.parquet", False
+    input_errors = Command.input_errors + (DriftError,)
+
+    def setup(self, run, out, procs) -> None:
+        super().setup(run, out, procs)
+        o = self.opts
+        self.caps = caption_set(o, run)
+        read_layers(out)                          # a foreign file stops here, before any model
+        if o.base:
+            self.base_path, self.base_rel = Path(o.base), str(Path(o.base).resolve())
+        else:
+            first = min(run.checkpoints, key=lambda c: c.stage)
+            if first.stage != 0:
+                raise DriftError(f"{run.root}: no stage 0 to serve as the base; pass --base PATH")
+            self.base_path, self.base_rel = first.path, first.rel
+        self.processor = load_processor(self.base_path, o.load)
+        self.cache, self.vision = EncodeCache(), VisionCache()   # the stages share encodings and (LM-only) image features
+        base_model, _ = load(self.base_path, o.load, processor=self.processor)
+        self.base = Engine(base_model, self.processor, token_sets=(), encode_cache=self.cache, vision_cache=self.vision)
+        self.readout = Readout(base_model, token_set(self.processor.tokenizer, "number"))
+        self.n_layers = Taps(base_model, self.base.family).n_layers
+        self.batches = self.base.plan(self.caps.samples, o.batch_size, True)
+
+    def plan(self, checkpoints, out):
+        df = read_layers(out)
+        plan = []
+        for ck in checkpoints:
+            done, clash = _done(df, ck, self.base_rel, self.n_layers, self.caps.hash)
+            if done:
+                plan.append(([], None))
+            elif len(clash) and not self.opts.replace:
+                r = clash.iloc[0]
+                plan.append(([], f"{out} has rows for stage {ck.stage} from checkpoint {r['checkpoint']}, base "
+                                 f"{r['base']}, captions {r['dataset_hash']}; use --out or --replace"))
+            else:
+                plan.append((["layers"], None))
+        return plan
+
+    def header(self):
+        o, caps = self.opts.load, self.caps
+        return [f"probes.layers: {len(self.run.checkpoints)} checkpoint(s) in {self.run.root} against "
+                f"{self.base_path}; captions {caps.source} ({len(caps.samples)} samples, hash {caps.hash}); "
+                f"{o.device} {o.dtype} -> {self.out}"]
+
+    def warnings(self):
+        return [self.caps.report()] if self.caps.report() else []
+
+    def open(self, ck) -> Engine:
+        own = load_processor(ck.path, self.opts.load)
+        if vocab_fingerprint(own.tokenizer) != vocab_fingerprint(self.processor.tokenizer):
+            raise CheckpointError(f"{ck.path}: its tokenizer differs from the base's")
+        model, _ = load(ck.path, self.opts.load, processor=self.processor)
+        return Engine(model, self.processor, token_sets=(), encode_cache=self.cache, vision_cache=self.vision)
+
+    def compute(self, eng: Engine, ck, unit) -> dict[int, dict]:
+        return attribute(self.base, eng, self.readout, self.caps.samples, self.batches, progress=True)
+
+    def rows(self, ck, unit, shares) -> list[dict]:
+        return rows_for(self.run, ck, self.base_rel, shares[0], self.caps)
+
+    def append(self, out, rows) -> None:
+        table.append_rows(out, rows, columns=COLUMNS, dtypes=DTYPES, key=KEY,
+                          order=["stage", "layer", "component", "measure"], what="layer table")
+
+    def summary(self, status) -> None:
+        print_summary(self.out, self.run, status, self.caps.hash)
 
 
 def _done(df: pd.DataFrame, ck, base_rel: str, n_layers: int, dataset_hash: str) -> tuple[bool, pd.DataFrame]:
@@ -257,72 +342,7 @@ def _done(df: pd.DataFrame, ck, base_rel: str, n_layers: int, dataset_hash: str)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    try:
-        run = discover(args.ckpt_dir)
-        caps = caption_set(args, run)
-        out_path = Path(args.out) if args.out else run.root / "layers.parquet"
-        table.read_table(out_path, COLUMNS, DTYPES, "layer table")   # a foreign file stops here, before any model
-        if args.base:
-            base_path, base_rel = Path(args.base), str(Path(args.base).resolve())
-        else:
-            first = min(run.checkpoints, key=lambda c: c.stage)
-            if first.stage != 0:
-                raise DriftError(f"{run.root}: no stage 0 to serve as the base; pass --base PATH")
-            base_path, base_rel = first.path, first.rel
-        opts = load_options(args)
-        processor = load_processor(base_path, opts)
-    except (DiscoveryError, CaptionDataError, CheckpointError, table.TableError, DriftError) as e:
-        print(f"probes.layers: error: {e}", file=sys.stderr)
-        return 2
-    print(f"probes.layers: {len(run.checkpoints)} checkpoint(s) in {run.root} against {base_path}; captions "
-          f"{caps.source} ({len(caps.samples)} samples, hash {caps.hash}); {opts.device} {opts.dtype} -> {out_path}")
-    if caps.report():
-        print(f"probes.layers: {caps.report()}", file=sys.stderr)
-    cache = EncodeCache()
-    base_model, _ = load(base_path, opts, processor=processor)
-    base = Engine(base_model, processor, token_sets=(), encode_cache=cache)
-    readout = Readout(base_model, token_set(processor.tokenizer, "number"))
-    n_layers = Taps(base_model, base.family).n_layers
-    batches = base.plan(caps.samples, args.batch_size, True)
-    status = {}
-    for ck in tqdm(run.checkpoints, desc="checkpoints", unit="ckpt"):
-        done, clash = _done(table.read_table(out_path, COLUMNS, DTYPES, "layer table"), ck, base_rel, n_layers,
-                            caps.hash)
-        if done:
-            status[ck.stage] = "skipped (already in the table)"
-            continue
-        if len(clash) and not args.replace:
-            r = clash.iloc[0]
-            status[ck.stage] = (f"FAILED: {out_path} has rows for stage {ck.stage} from checkpoint {r['checkpoint']}, "
-                                f"base {r['base']}, captions {r['dataset_hash']}; use --out or --replace")
-            continue
-        model = None
-        try:
-            own = load_processor(ck.path, opts)
-            if vocab_fingerprint(own.tokenizer) != vocab_fingerprint(processor.tokenizer):
-                raise CheckpointError(f"{ck.path}: its tokenizer differs from the base's")
-            model, _ = load(ck.path, opts, processor=processor)
-            eng = Engine(model, processor, token_sets=(), encode_cache=cache)
-            per = attribute(base, eng, readout, caps.samples, batches, progress=True)
-            table.append_rows(out_path, rows_for(run, ck, base_rel, per, caps), columns=COLUMNS, dtypes=DTYPES,
-                              key=KEY, order=["stage", "layer", "component", "measure"], what="layer table")
-            status[ck.stage] = "done"
-        except Exception as e:  # noqa: BLE001 (reported with the checkpoint; the others still run)
-            status[ck.stage] = f"FAILED: {type(e).__name__}: {e}"
-            if not isinstance(e, (CheckpointError, CaptionDataError, ValueError)):
-                status[ck.stage] += "\n" + traceback.format_exc(limit=3)
-        finally:
-            del model
-            gc.collect()
-    print_summary(out_path, run, status, caps.hash)
-    failed = [s for s, v in status.items() if v.startswith("FAILED")]
-    for s in failed:
-        print(f"probes.layers: stage {s} {status[s]}", file=sys.stderr)
-    return 1 if failed else 0
+    return sweep(Layers(parse_args(argv)))
 
 
 def print_summary(out_path: Path, run, status: dict, dataset_hash: str) -> None:
