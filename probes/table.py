@@ -142,7 +142,8 @@ def append_rows(path: str | os.PathLike, rows: list[dict], *, columns: list[str]
     """Add `rows` (replacing rows with the same key: stage, probe and mode by default) and write the table
     atomically, under the table's lock. Rows of other keys, and columns beyond `columns`, are kept."""
     p = Path(path)
-    new = pd.DataFrame(rows, columns=columns).astype(dtypes)
+    extra = list(dict.fromkeys(k for r in rows for k in r if k not in columns))   # added columns are kept
+    new = pd.DataFrame(rows, columns=[*columns, *extra]).astype(dtypes)
     with _lock(p):
         for stale in p.parent.glob(f".{p.name}.*.tmp"):  # a writer killed mid-write (writes hold this lock)
             with contextlib.suppress(OSError):
