@@ -56,16 +56,13 @@ from .discover import DiscoveryError, discover
 from .drift import DriftError
 from .engine import EncodeCache, Engine, SampleAccumulator
 from .loading import load_for_inference, load_processor_for
-from .run import caption_set, pick_device
+from .run import load_run_captions, pick_device
+from .schemas import LAYERS
 from .tokensets import token_set, vocab_fingerprint
 
 COMPONENTS = {"attn": "self_attn", "mlp": "mlp"}
 MEASURES = ("logit_l2", "number_logit", "number_logmass", "resid_l2")
-COLUMNS = ["run", "stage", "stage_name", "task", "recipe", "checkpoint", "base", "layer", "component", "hook",
-           "measure", "mean", "std", "ci_low", "ci_high", "n_samples", "n_positions", "dataset", "dataset_hash"]
-DTYPES = {"stage": "int64", "layer": "int64", "mean": "float64", "std": "float64", "ci_low": "float64",
-          "ci_high": "float64", "n_samples": "int64", "n_positions": "int64"}
-KEY = ["stage", "layer", "component", "measure"]
+COLUMNS, DTYPES, KEY = LAYERS.columns, LAYERS.dtypes, LAYERS.key    # the table's schema (probes.schemas)
 
 
 def hook_name(layer: int, component: str) -> str:
@@ -263,7 +260,7 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     try:
         run = discover(args.ckpt_dir)
-        caps = caption_set(args, run)
+        caps = load_run_captions(args, run)
         out_path = Path(args.out) if args.out else run.root / "layers.parquet"
         table.read_table(out_path, COLUMNS, DTYPES, "layer table")   # a foreign file stops here, before any model
         if args.base:

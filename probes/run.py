@@ -131,7 +131,8 @@ def pick_device(arg: str = "auto", attn: str = "auto") -> tuple[str, torch.dtype
 
 
 # -- the work --------------------------------------------------------------------------------------
-def caption_set(args, run: RunDir):
+def load_run_captions(args, run: RunDir):
+    """The caption set to probe with: --captions, else the one run.json names."""
     if args.captions:
         return load_captions(args.captions, args.images, args.num_samples, args.sample, args.seed, args.strict)
     if run.captions:
@@ -226,7 +227,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
     plan = error = None
     try:                      # every rank reads the same inputs and fails alike; only rank 0 reads the table
         run = discover(args.ckpt_dir)
-        caps = caption_set(args, run)
+        caps = load_run_captions(args, run)
         out_path = Path(args.out) if args.out else run.root / "probes.parquet"
         args.extras = drift_extras.setup(args, run, caps, out_path, rank, say=print if rank == 0 else lambda *a: None)
         names = {m: args.extras.names(args.token_sets, m) for m in MODES[args.mode]}   # per mode: drift is tf only

@@ -40,9 +40,6 @@ import pandas as pd
 
 from .config import ConfigError
 
-MONITOR_FILE = "monitor.parquet"
-COLUMNS = ["run", "stage", "stage_name", "task", "step", "probe", "value", "std", "n_samples", "n_positions",
-           "seconds", "lr_scale", "event", "dataset", "dataset_hash"]
 SIGNATURE_CAPTIONS = 1000        # captions the signatures are derived against (probes.run's default set)
 
 
@@ -91,9 +88,10 @@ class DriftMonitor:
     """Built by `create`; its probe (and stage 0's values) are made at the first check, when stage 0 exists."""
 
     def __init__(self, cfg: dict, out: Path, captions: dict | None, processor, stages: list[dict], tasks: list,
-                 *, main: bool = True, load_kw: dict | None = None, device=None):
+                 table, *, main: bool = True, load_kw: dict | None = None, device=None):
         self.cfg, self.out, self.main, self.run_name = cfg["monitor"], Path(out), main, Path(out).name
-        self.path = self.out / MONITOR_FILE
+        self.table = table                      # the table's schema (probes.schemas.MONITOR)
+        self.path = self.out / table.file
         self.captions, self.processor, self.stages, self.tasks = captions, processor, stages, tasks
         self.load_kw = dict(load_kw or {}, device=device)
         self.probe = None
@@ -130,7 +128,8 @@ class DriftMonitor:
     def _write(self) -> None:
         if not self.main:
             return
-        df = pd.DataFrame(self.rows, columns=COLUMNS).sort_values(["stage", "step", "probe"], kind="stable")
+        df = pd.DataFrame(self.rows, columns=list(self.table.columns)).sort_values(list(self.table.order),
+                                                                                    kind="stable")
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.out)
         os.close(fd)
         try:
@@ -222,12 +221,13 @@ def _agree(flag: bool) -> bool:
     return bool(box[0])
 
 
-def create(cfg: dict, plan, out: Path, processor, accelerator, load_kw: dict) -> DriftMonitor | None:
-    """The run's monitor, or None when `monitor.every` is 0. Checks what it can before stage 0 is written."""
+def create(cfg: dict, plan, out: Path, processor, accelerator, load_kw: dict, table) -> DriftMonitor | None:
+    """The run's monitor, or None when `monitor.every` is 0; `table`: the monitor table's schema
+    (probes.schemas.MONITOR). Checks what it can before stage 0 is written."""
     m = cfg["monitor"]
     if not m["every"]:
         return None
-    from .data import caption_set
+    from .records import caption_set
 
     kind = accelerator.distributed_type.value
     if kind in ("FSDP", "DEEPSPEED"):
@@ -244,5 +244,5 @@ def create(cfg: dict, plan, out: Path, processor, accelerator, load_kw: dict) ->
         known |= {f"{set_name(t.name)}_{k}" for t in plan.tasks for k in ("mass", "max_prob")}
     if m["probe"] not in known:
         raise MonitorError(f"monitor.probe {m['probe']!r} is not among the monitor's probes ({', '.join(sorted(known))})")
-    return DriftMonitor(cfg, out, captions, processor, plan.stages, plan.tasks, main=accelerator.is_main_process,
-                        load_kw=load_kw, device=accelerator.device)
+    return DriftMonitor(cfg, out, captions, processor, plan.stages, plan.tasks, table,
+                        main=accelerator.is_main_process, load_kw=load_kw, device=accelerator.device)
