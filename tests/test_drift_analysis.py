@@ -127,8 +127,8 @@ def test_readers_and_writers_share_one_schema_per_table():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.List, ast.Tuple)) and len(node.elts) >= 6 and all(
                     isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
-                names = {e.value for e in node.elts}
-                assert not any(names <= cols for cols in every), f"{path}:{node.lineno} repeats a table's columns"
+                names = {e.value for e in node.elts}   # a selection of some columns is fine; all of them is not
+                assert names not in every, f"{path}:{node.lineno} repeats a table's columns"
 
 
 def test_the_whole_chain_on_a_tiny_run(tmp_path, tiny_checkpoints, capsys):
