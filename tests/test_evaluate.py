@@ -14,9 +14,9 @@ from PIL import Image
 from analysis.tables import load_run
 from probes import benchmarks as B
 from probes import table
-from probes.schemas import EVALS
 from probes.engine import Engine, Generation
 from probes.evaluate import main
+from probes.schemas import EVALS
 from probes.scorers import get_scorer
 from tests.llava_fixture import write_llava_root
 from training.families import FAMILIES

@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from probes import table
 from probes.captions import load_captions
 from probes.discover import discover
 from probes.engine import Engine
