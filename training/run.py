@@ -8,7 +8,8 @@ Writes RUN/run.json and one checkpoint per stage, stage 0 being the base (docs/d
 
     RUN/run.json            {"family", "recipe", "base", "tasks", "config", "stages": [...],
                              "captions": {"path", "images"} | null, "benchmarks": [names],
-                             "domains": {name: {"image", "text"}}}
+                             "domains": {name: {"image", "text"}}, "task_files": {...}, "benchmark_files": {...}}
+                            (training/manifest.py: the one writer and reader)
     RUN/stage-00-base/      the base (save: full), or a delta with no tensors naming it (save: delta)
     RUN/stage-01-TASK/ ...  stage k = stage k-1 fine-tuned on tasks[k-1]; each stage starts from the
                             previous stage's saved checkpoint
