@@ -210,7 +210,8 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
     if pad_id is None:
         raise RunError(f"{plan.base}: the tokenizer has no pad token")
     from .monitor import create as create_monitor
-    monitor = create_monitor(cfg, plan, out, processor, accelerator, opts, MONITOR)   # monitor.every; built at its first check
+    # monitor.every; built at its first check; its table's schema comes from probes (the writers' schemas)
+    monitor = create_monitor(cfg, plan, out, processor, accelerator, opts, MONITOR)
 
     if done == 0:
         stage0 = out / plan.stages[0]["path"]
