@@ -14,7 +14,8 @@ from PIL import Image
 from analysis.tables import load_run
 from probes import benchmarks as B
 from probes import table
-from probes.engine import Engine, Generation
+from probes.decode import Generation
+from probes.engine import Engine
 from probes.evaluate import main
 from probes.schemas import EVALS
 from probes.scorers import get_scorer
