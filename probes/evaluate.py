@@ -16,8 +16,10 @@ benchmark): run, stage, stage_name, task, recipe, checkpoint, benchmark, split, 
 (0-100), n (items scored). Rows already in the table for the same checkpoint, metric, split and n are skipped, so
 a rerun continues; a row is written after every benchmark (atomically, under the table's lock). A
 checkpoint that fails is reported and the others still run; the exit status is then 1 (2: bad input).
-A --preset benchmark (probes.presets, docs/benchmarks.md) takes its prompt, generation limit, scorer and
-aggregation from its preset in the chosen --profile; its rows add the columns preset and profile.
+Per item (RUN/items.parquet: run, stage, benchmark, item_id, prediction, score 0-1, metric) the answers
+and their scores are kept too. A --preset benchmark (probes.presets, docs/benchmarks.md) takes its prompt,
+generation limit, scorer and aggregation from its preset in the chosen --profile; its rows add the
+columns preset and profile.
 The driver (processes, lock, resume, failures) is probes.sweep's.
 """
 from __future__ import annotations
@@ -155,6 +157,23 @@ def save_predictions(root: Path, ck, d: B.BenchmarkData, predictions: dict[int, 
     return path
 
 
+def items_path(out: Path) -> Path:
+    """RUN/items.parquet beside RUN/evals.parquet; beside another table T.parquet, T.items.parquet."""
+    out = Path(out)
+    return out.with_name("items.parquet" if out.name == "evals.parquet" else f"{out.stem}.items.parquet")
+
+
+def item_rows(run: RunDir, ck, d: B.BenchmarkData, predictions: dict[int, str], per_item: list) -> list[dict]:
+    """One row per item: item_id = the record's id (a preset's: the row number), '#turn' after the first
+    turn; where those repeat (ids need not be unique in LLaVA files), the item's position instead."""
+    ids = [it.record_id if it.turn == 0 else f"{it.record_id}#{it.turn}" for it in d.items]
+    if len(set(ids)) < len(ids):
+        ids = [str(i) for i in range(len(ids))]
+    return [{"run": run.name, "stage": ck.stage, "benchmark": d.bench.name, "item_id": item_id,
+             "prediction": predictions[i], "score": per_item[i], "metric": d.bench.scorer}
+            for i, item_id in enumerate(ids)]
+
+
 def row_for(run: RunDir, ck, d: B.BenchmarkData, score: float) -> dict:
     return {"run": run.name, "stage": ck.stage, "stage_name": ck.stage_name, "task": ck.task, "recipe": run.recipe,
             "checkpoint": ck.rel, "benchmark": d.bench.name, "split": d.bench.split, "metric": d.bench.scorer,
@@ -244,11 +263,13 @@ class Evaluate(Command):
         return self.data[j].bench.name
 
     def rows(self, ck, j: int, shares: list[dict[int, str]]) -> list[dict]:
-        """The benchmark's row (and, with --save-predictions, its answers and their scores)."""
+        """The benchmark's row; its items' answers and scores go to the item table (written first, so a
+        benchmark row always has its items) and, with --save-predictions, to a JSONL file."""
         d, preds = self.data[j], {}
         for s in shares:
             preds.update(s)
         score, per_item = score_predictions(d, preds)
+        table.append_items(items_path(self.out), item_rows(self.run, ck, d, preds, per_item))
         if self.opts.save_predictions:
             save_predictions(self.run.root, ck, d, preds, per_item)
         return [row_for(self.run, ck, d, score)]

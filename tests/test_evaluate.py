@@ -93,6 +93,11 @@ def test_world_run_table_contract_predictions_and_resume(tmp_path, stage_models,
     assert by.loc[(1, "cub200"), ["stage_name", "task", "checkpoint"]].tolist() == ["cub200", "cub200",
                                                                                    "stage-01-cub200"]
     assert pd.isna(by.loc[(0, "cub200"), "task"]) and set(df["run"]) == {"run"}
+    # items.parquet: one row per item, whose mean score is the benchmark's score / 100
+    items = pd.read_parquet(run / "items.parquet")
+    assert len(items) == 6 * 8 and not items.duplicated(["stage", "benchmark", "item_id"]).any()
+    means = items.groupby(["stage", "benchmark"])["score"].mean() * 100
+    assert all(means[k] == pytest.approx(by.loc[k, "score"], abs=1e-9) for k in means.index)
     # the score is 100 x the mean of the scorer over the saved predictions
     for (stage, bench), r in by.iterrows():
         folder = "stage-00-base" if stage == 0 else "stage-01-cub200"
@@ -379,6 +384,12 @@ def test_presets_score_as_lmms_eval_and_record_profile(tmp_path, stage_models, m
         [50.0, "lmms_ai2d", "heldout", 6, "ai2d", "study"]]
     assert prompts[0] == ("Question 0?\nA. cow\nB. lion\nC. snake\n"
                           "Answer with the option's letter from the given choices directly.")
+    items = pd.read_parquet(run / "items.parquet")
+    assert len(items) == 2 * 6 and list(items.columns) == ["run", "stage", "benchmark", "item_id", "prediction",
+                                                           "score", "metric"]
+    stage0 = items[items.stage == 0]
+    assert stage0["item_id"].tolist() == [str(i) for i in range(6)]     # sorted as strings; 6 rows: 0..5
+    assert stage0["score"].tolist() == [1.0, 0.0] * 3 and stage0["prediction"].iloc[2] == "(C)"
     rc = main(["--ckpt-dir", str(run), "--preset", f"ai2d={ai2d}"])   # same scorer, other profile: a clash
     assert rc == 1 and "(heldout, study profile)" in capsys.readouterr().err
     assert main(["--ckpt-dir", str(run), "--preset", f"ai2d={ai2d}", "--replace", "--limit", "4"]) == 0
