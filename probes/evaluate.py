@@ -43,7 +43,7 @@ from .cli import add_loading_arguments
 from .discover import RunDir
 from .engine import Engine
 from .preset_data import PresetData, load_preset
-from .presets import PROFILES
+from .presets import ALIASES, PROFILES
 from .scorers import SCORERS, get_scorer
 from .sweep import Command, SweepOptions, sweep
 
@@ -57,7 +57,7 @@ class EvaluateOptions(SweepOptions):
     split: str | None = None                  # their split
     registry: list[str] | None = None         # YAML/JSON benchmark registries
     preset: list[str] | None = None           # NAME=PATH study benchmarks read and scored by probes.presets
-    profile: str = "lmms-eval"                # their profile
+    profile: str | None = None                # their profile (default: run.json's eval.profile, else lmms-eval)
     limit: int | None = None
     max_new_tokens: int | None = None
     batch_size: int = 32
@@ -84,8 +84,9 @@ def parse_args(argv=None) -> EvaluateOptions:
     ap.add_argument("--preset", action="append", metavar="NAME=PATH",
                     help="a study benchmark's local copy (Hub snapshot, save_to_disk folder or TSV), prompted and "
                          "scored as lmms-eval does (probes.presets; docs/benchmarks.md) (repeatable)")
-    ap.add_argument("--profile", choices=PROFILES, default="lmms-eval",
-                    help="the presets' lmms-eval version: study (the paper's fork) or lmms-eval (current main; default)")
+    ap.add_argument("--profile", choices=PROFILES,
+                    help="the presets' lmms-eval version: study (the paper's fork) or lmms-eval (current main); "
+                         "default: the run config's eval.profile, else lmms-eval")
     ap.add_argument("--limit", type=int, default=None,
                     help="score only the first N records of each benchmark (the first N good ones, without --strict)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
@@ -118,17 +119,37 @@ def load_benchmarks(opts: EvaluateOptions, run: RunDir) -> list[B.BenchmarkData]
     local |= B.from_cli(opts.benchmark_file, opts.images, opts.scorer, opts.split)
     tasks = B.run_tasks(run.manifest)
     out = []
+    presets, profile = run_presets(opts, run.manifest)
     only_presets = opts.preset and not (opts.benchmarks or local)   # then run.json's benchmarks are not added
-    for b in [] if only_presets else B.resolve(opts.benchmarks, run.manifest, local):
+    for b in [] if only_presets else B.resolve(opts.benchmarks, _without(run.manifest, presets), local):
         b = replace(b, split=B.split_of(b, tasks),
                     max_new_tokens=opts.max_new_tokens or b.max_new_tokens or B.DEFAULT_MAX_NEW_TOKENS)
         out.append(B.load(b, opts.limit, strict=opts.strict))
-    for spec in opts.preset or []:
-        d = load_preset(spec, opts.profile, opts.limit, strict=opts.strict)
+    for spec in presets:
+        d = load_preset(spec, profile, opts.limit, strict=opts.strict)
         d.bench = replace(d.bench, split=B.split_of(d.bench, tasks),
                           max_new_tokens=opts.max_new_tokens or d.bench.max_new_tokens)
         out.append(d)
     return out
+
+
+def run_presets(opts: EvaluateOptions, manifest: dict) -> tuple[list[str], str]:
+    """The NAME=PATH presets to score and their profile: the flags', else (without --benchmarks, --preset,
+    --benchmark-file or --registry) the run config's eval.presets; the profile likewise."""
+    ev = (manifest.get("config") or {}).get("eval") or {}
+    flags = opts.preset or opts.benchmarks or opts.benchmark_file or opts.registry
+    specs = opts.preset or ([] if flags else [f"{n}={p}" for n, p in (ev.get("presets") or {}).items()])
+    return specs, opts.profile or ev.get("profile") or "lmms-eval"
+
+
+def _without(manifest: dict, presets: list[str]) -> dict:
+    """run.json with the benchmarks that presets score taken out of its "benchmarks" list."""
+    names = {n for spec in presets for n in (spec.partition("=")[0], _canonical(spec.partition("=")[0]))}
+    return {**manifest, "benchmarks": [b for b in manifest.get("benchmarks") or [] if b not in names]}
+
+
+def _canonical(name: str) -> str:
+    return ALIASES.get(name, name)
 
 
 # -- scoring ---------------------------------------------------------------------------------------

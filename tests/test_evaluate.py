@@ -407,3 +407,18 @@ def test_presets_with_real_generation_and_bad_input(tmp_path, stage_models, caps
     assert "unknown preset 'ai2d_test'" in capsys.readouterr().err
     assert main(["--ckpt-dir", str(run), "--preset", f"docvqa={ai2d}"]) == 2   # no validation split there
     assert "no parquet file of split 'validation'" in capsys.readouterr().err
+
+
+def test_run_config_presets_are_scored_with_run_benchmarks(tmp_path, stage_models, monkeypatch, capsys):
+    """Without flags: run.json's benchmarks plus the config's eval.presets in its eval.profile; a benchmark
+    name a preset covers (here ai2d) is not also resolved as a LLaVA file."""
+    run = make_run(tmp_path, stage_models, benchmarks=("cub200", "ai2d"))
+    ai2d = _preset_snapshot(tmp_path / "ai2d", 3)
+    man = json.loads((run / "run.json").read_text())
+    man["config"]["eval"] = {"presets": {"ai2d": str(ai2d)}, "profile": "study"}
+    (run / "run.json").write_text(json.dumps(man))
+    plant(monkeypatch, lambda sample, i: "A")
+    assert main(["--ckpt-dir", str(run)]) == 0, capsys.readouterr().err
+    df = pd.read_parquet(run / "evals.parquet")
+    assert sorted(set(df["benchmark"])) == ["ai2d", "cub200"]
+    assert set(df[df.benchmark == "ai2d"]["profile"]) == {"study"} and set(df[df.benchmark == "ai2d"]["n"]) == {3}
