@@ -4,6 +4,7 @@
     python -m probes.run --ckpt-dir RUN --captions blip_laion_cc_sbu_558k.json --images LCS-558K/ \\
         --num-samples 1000 --mode both --batch-size 32
     torchrun --nproc-per-node 8 -m probes.run --ckpt-dir RUN ...      # captions sharded over ranks
+    python -m probes.run --ckpt-dir RUN --profile study                # the study script's own definition
 
 Checkpoints come from RUN/run.json, or are the sub-folders that are checkpoints (see probes.discover).
 Rows already in the table for the same checkpoint and caption subset are skipped, so a rerun continues
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from training.families import CheckpointError
 
 from . import extras as drift_extras
-from . import table
+from . import study, table
 from .captions import CaptionDataError, load_captions
 from .cli import add_loading_arguments
 from .discover import DiscoveryError, RunDir, discover
@@ -57,12 +58,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sample", choices=["first", "random"], default="first",
                     help="first N records (the study's choice) or N at random with --seed")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mode", choices=list(MODES), default="teacher-forced",
+    ap.add_argument("--mode", choices=list(MODES), default=None,
                     help="teacher-forced on the reference captions (default), greedy generation (the study's), or both")
     ap.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (default 32)")
     ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="generation length limit")
-    ap.add_argument("--token-sets", default="number",
-                    help=f"comma-separated token sets to probe (known: {', '.join(sorted(TOKEN_SETS))})")
+    ap.add_argument("--token-sets", default=None,
+                    help=f"comma-separated token sets to probe (default number; known: {', '.join(sorted(TOKEN_SETS))})")
+    ap.add_argument("--profile", choices=["default", "study"], default="default",
+                    help="study: the study script's probe as its code computes it (generation scores, the "
+                         "number_study set, its seven statistics, fp16 on a GPU); docs/probes.md")
     ap.add_argument("--out", help="the table (default: CKPT_DIR/probes.parquet)")
     add_loading_arguments(ap, records="caption record")
     ap.add_argument("--workers", type=int, default=None,
@@ -76,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     drift_extras.add_arguments(ap)
     args = ap.parse_args(argv)
     drift_extras.check_arguments(ap, args)
+    if args.profile == "study":
+        study.configure(ap, args)
+    args.mode, args.token_sets = args.mode or "teacher-forced", args.token_sets or "number"
     if args.batch_size < 1:
         ap.error("--batch-size must be at least 1")
     if args.max_new_tokens < 1:
@@ -152,6 +159,9 @@ def probe_checkpoint(ck, processor, args, caps, modes, device, dtype, attn, set_
                                           processor=processor, allow_pickle=args.allow_pickle,
                                           trust_remote_code=args.trust_remote_code)
     try:
+        if args.profile == "study":
+            return {"generate": study.probe_values(model, processor, caps.samples, set_ids["number_study"], args,
+                                                   rank, world)}
         eng = Engine(model, processor, set_ids=set_ids, encode_cache=cache, vision_cache=vision_cache,
                      workers=getattr(args, "workers", None), compile=getattr(args, "compile", False))
         out = {}
@@ -230,6 +240,8 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         out_path = Path(args.out) if args.out else run.root / "probes.parquet"
         args.extras = drift_extras.setup(args, run, caps, out_path, rank, say=print if rank == 0 else lambda *a: None)
         names = {m: args.extras.names(args.token_sets, m) for m in MODES[args.mode]}   # per mode: drift is tf only
+        if args.profile == "study":
+            names = {"generate": list(study.STATISTICS)}
         if rank == 0:
             held.enter_context(table.RunLock(out_path, "probes.run"))   # a second command on this table is refused
             plan = plan_work(args, run, caps, names, out_path)
@@ -241,6 +253,8 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             print(f"probes.run: error: {error}", file=sys.stderr)
         return 2
     device, dtype, attn = pick_device(args.device, args.attn)
+    if args.profile == "study" and device.startswith("cuda"):
+        dtype = torch.float16                      # as the study ran it
     say(f"probes.run: {len(run.checkpoints)} checkpoint(s) in {run.root}; captions {caps.source} "
         f"({len(caps.samples)} samples, hash {caps.hash}); modes {', '.join(MODES[args.mode])}; {device} {dtype}; "
         f"{world} process(es) -> {out_path}")

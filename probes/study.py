@@ -123,3 +123,26 @@ def study_statistics(model, processor, samples: Sequence[Sample], set_ids: Seque
         rows = reduce_steps(step_statistics(gen.scores, ids), steps_per_row(new, len(gen.scores), eos))
         out.update(zip(idx, rows))
     return [out[i] for i in range(len(samples))]
+
+
+# -- `python -m probes.run --profile study` ----------------------------------------------------------
+def configure(ap, args) -> None:
+    """The study profile's settings on probes.run's parsed arguments; options that would change its
+    definition are refused rather than silently ignored."""
+    clash = [opt for opt, bad in (("--mode", args.mode not in (None, "generate")), ("--token-sets", args.token_sets),
+                                  ("--sample random", args.sample != "first"), ("--drift", args.drift),
+                                  ("--signatures", args.signatures)) if bad]
+    if clash:
+        ap.error(f"--profile study is the study script's definition (generation, number_study, first N records); "
+                 f"it does not take {', '.join(clash)}")
+    args.mode, args.token_sets = "generate", "number_study"
+
+
+def probe_values(model, processor, samples: Sequence[Sample], set_ids: Sequence[int], args, rank: int,
+                 world: int) -> dict[int, dict]:
+    """This rank's share, {sample index: the seven statistics + n_positions}; samples are independent, so
+    any split over ranks gives the same values."""
+    mine = list(range(rank, len(samples), world))
+    per = study_statistics(model, processor, [samples[i] for i in mine], set_ids, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, progress=rank == 0)
+    return {i: v | {"n_positions": v["num_generation_steps"]} for i, v in zip(mine, per)}

@@ -10,11 +10,15 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from probes import table
+from probes.captions import load_captions
+from probes.run import main as run_main
 from probes.study import STATISTICS, batching_is_exact, study_statistics
 from probes.tokensets import is_number_token, token_set
 from training.chat import collate, encode
@@ -22,6 +26,7 @@ from training.families import family_of_model
 
 from .conftest import FAMILY_NAMES
 from .test_probe_engine import decisive_model, make_samples
+from .test_probe_run import write_captions
 
 N, MAX_NEW, REL = 7, 10, 1e-4
 
@@ -252,3 +257,36 @@ def test_statistics_use_the_processed_scores(name, decisive):
         got = study_statistics(m, processor, samples, ids, batch_size=N, max_new_tokens=MAX_NEW)
         assert_matches(got, ref)
         assert got != plain
+
+
+# -- python -m probes.run --profile study ------------------------------------------------------------
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_probes_run_study_profile(name, tiny_checkpoints, tiny_models, tmp_path):
+    """Seven rows named as the script names its statistics, the table's usual columns; each row summarises
+    the script's per-sample values on that checkpoint (avg_total_number_prob to 1e-4 relative)."""
+    caps_path = write_captions(tmp_path, n=5)
+    out = tmp_path / "probes.parquet"
+    assert run_main(["--ckpt-dir", str(tiny_checkpoints(name)), "--captions", str(caps_path), "--images", str(tmp_path / "imgs"),
+                     "--profile", "study",
+                     "--max-new-tokens", "6", "--batch-size", "3", "--out", str(out)]) == 0
+    df = pd.read_parquet(out)
+    assert list(df.columns) == table.COLUMNS
+    assert sorted(df["probe"]) == sorted(STATISTICS) and set(df["mode"]) == {"generate"}
+    model, processor = tiny_models(name)        # the same weights as the saved checkpoint
+    caps = load_captions(caps_path, tmp_path / "imgs")
+    ids = token_set(processor.tokenizer, "number_study")
+    ref = [script_statistics(model, processor, s, ids, 6) for s in caps.samples]
+    for _, r in df.iterrows():
+        v = np.array([x[r["probe"]] for x in ref])
+        assert r["mean"] == pytest.approx(v.mean(), rel=REL, abs=1e-7), r["probe"]
+        assert r["std"] == pytest.approx(v.std(ddof=1), rel=1e-3, abs=1e-6), r["probe"]
+        assert (r["n_samples"], r["n_positions"]) == (5, sum(x["num_generation_steps"] for x in ref))
+        assert r["dataset_hash"] == caps.hash
+
+
+@pytest.mark.parametrize("option", [["--mode", "both"], ["--token-sets", "number"], ["--drift"],
+                                    ["--sample", "random"]])
+def test_study_profile_refuses_options_that_change_its_definition(option, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main(["--ckpt-dir", str(tmp_path), "--profile", "study", *option])
+    assert e.value.code == 2 and "--profile study" in capsys.readouterr().err
