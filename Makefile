@@ -1,21 +1,22 @@
 # The two commands a new user needs: `make demo` and `make test`. Both create .venv when missing.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The pin that works on these CPU machines (torchvision from the registry does not import beside torch 2.13).
-TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+# Exact versions of every library (scripts/lock.sh writes it): CI, the docs and a new user run the same
+# ones. pyproject.toml keeps loose ranges for users who install the package into their own environment.
+LOCK ?= requirements/lock.txt
 export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo lint lock clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[dev,notebooks]'
+	$(PY) -m pip install -q -c $(LOCK) torch torchvision
+	$(PY) -m pip install -q -c $(LOCK) -e '.[dev,notebooks]'
 	touch $@
 
 test: setup
@@ -23,6 +24,9 @@ test: setup
 
 demo: setup
 	$(PY) scripts/demo.py
+
+lock:
+	bash scripts/lock.sh
 
 lint: setup
 	$(PY) -m ruff check training probes analysis tests
