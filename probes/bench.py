@@ -102,9 +102,9 @@ def build_model(args):
         model, processor = build_shape(args.shape, device=args.device, dtype=dtype, attn_implementation=attn)
         return model, processor, f"shape {args.shape} (random weights)"
     if args.ckpt:
-        from .loading import load_for_inference
+        from training.checkpoints import LoadOptions, load
 
-        model, processor = load_for_inference(args.ckpt, dtype=dtype, device=args.device, attn_implementation=attn)
+        model, processor = load(args.ckpt, LoadOptions(dtype=dtype, device=args.device, attn=attn))
         return model, processor, f"checkpoint {args.ckpt}"
     model, processor = get_family(args.family).build_tiny(seed=args.seed)
     return model.to(args.device, dtype), processor, f"{args.family} tiny model"

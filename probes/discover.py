@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .loading import is_loadable
+from training.checkpoints import is_stage
 
 RUN_JSON = "run.json"
 
@@ -78,9 +78,9 @@ def discover(ckpt_dir: str | os.PathLike) -> RunDir:
         raise DiscoveryError(f"{root}: --ckpt-dir does not exist or is not a directory")
     if (root / RUN_JSON).is_file():
         return _from_run_json(root)
-    if is_loadable(root):
+    if is_stage(root):
         return RunDir(root, root.name, None, [Checkpoint(0, root.name, None, root, ".")])
-    subs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and is_loadable(d)),
+    subs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and is_stage(d)),
                   key=lambda d: natural_key(d.name))
     if not subs:
         raise DiscoveryError(f"{root}: no checkpoints found (looked for run.json, and for sub-folders that are "

@@ -32,16 +32,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from training.checkpoints import load
 from training.families import CheckpointError
 
 from . import benchmarks as B
 from . import table
 from .captions import CaptionDataError
-from .cli import add_loading_arguments
+from .cli import add_loading_arguments, load_options
 from .discover import DiscoveryError, RunDir, discover
 from .engine import EncodeCache, Engine
-from .loading import load_for_inference
-from .run import broadcast, gather, init_distributed, pick_device
+from .run import broadcast, gather, init_distributed
 from .scorers import SCORERS, get_scorer
 
 
@@ -192,8 +192,8 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         if rank == 0:
             print(f"probes.evaluate: error: {error}", file=sys.stderr)
         return 2
-    device, dtype, attn = pick_device(args.device, args.attn)
-    say(f"probes.evaluate: {len(run.checkpoints)} checkpoint(s) in {run.root}; {world} process(es); {device} {dtype} "
+    opts = load_options(args)
+    say(f"probes.evaluate: {len(run.checkpoints)} checkpoint(s) in {run.root}; {world} process(es); {opts.device} {opts.dtype} "
         f"-> {out_path}")
     for d in data:
         b = d.bench
@@ -215,9 +215,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             continue
         model = eng = load_error = None
         try:
-            model, processor = load_for_inference(ck.path, dtype=dtype, device=device, attn_implementation=attn,
-                                                  allow_pickle=args.allow_pickle,
-                                                  trust_remote_code=args.trust_remote_code)
+            model, processor = load(ck.path, opts)
             eng = Engine(model, processor, token_sets=(), encode_cache=cache)
         except Exception as e:  # noqa: BLE001 (reported with the checkpoint; the others still run)
             load_error = _describe(e)

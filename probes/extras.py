@@ -13,9 +13,11 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.checkpoints import LoadOptions, load, load_processor
 from training.families import CheckpointError
 
 from . import drift
+from .cli import load_options
 from .engine import probe_names
 from .signatures import MIN_COUNT, PRIOR, TOP_K, Z_MIN, Signature, SignatureError, derive_all, write_json
 
@@ -63,7 +65,6 @@ class Extras:
     base_path: Path | None = None
     sigs: list[Signature] = field(default_factory=list)
     ref: drift.BaseReference | None = None
-    safety: dict = field(default_factory=dict)       # allow_pickle, trust_remote_code, as for the checkpoints
 
     @property
     def sig_sets(self) -> dict[str, list[int]]:
@@ -74,19 +75,17 @@ class Extras:
         out = probe_names(list(token_sets) + list(self.sig_sets))
         return out + list(drift.DRIFT_PROBES) if self.drift and mode == "teacher-forced" else out
 
-    def teacher_forced(self, eng, samples, batches, *, device, dtype, attn, cache, progress: bool) -> dict:
-        from .loading import load_for_inference, load_processor_for
+    def teacher_forced(self, eng, samples, batches, *, opts: LoadOptions, cache, progress: bool) -> dict:
         from .tokensets import vocab_fingerprint
 
         if self.ref is None:
             if self.base_path is None:
                 raise drift.DriftError("drift probes need a base checkpoint")
-            own = load_processor_for(self.base_path, trust_remote_code=self.safety.get("trust_remote_code", False))
+            own = load_processor(self.base_path, opts)
             if vocab_fingerprint(own.tokenizer) != vocab_fingerprint(eng.tokenizer):
                 raise CheckpointError(f"{self.base_path}: the base's tokenizer differs from the run's; KL over "
                                       "different vocabularies is not defined")
-            model, _ = load_for_inference(self.base_path, dtype=dtype, device=device, attn_implementation=attn,
-                                          processor=eng.processor, **self.safety)
+            model, _ = load(self.base_path, opts, processor=eng.processor)
             self.ref = drift.BaseReference(model, eng.processor, encode_cache=cache, name=str(self.base_path))
         out = drift.teacher_forced(eng, self.ref, samples, batches, progress=progress)
         self.ref.release_model()       # every batch of this rank's plan is cached: keep only the base's head
@@ -95,10 +94,7 @@ class Extras:
 
 def setup(args, run, caps, out_path: Path, rank: int, say=print) -> Extras:
     """Resolve the base and derive the signatures (rank 0 writes signatures.json next to the table)."""
-    from .loading import load_processor_for
-
-    ex = Extras(drift=bool(args.drift), safety={k: bool(getattr(args, k, False))
-                                                for k in ("allow_pickle", "trust_remote_code")})
+    ex = Extras(drift=bool(args.drift))
     if args.drift:
         if args.base:
             ex.base_path = Path(args.base)
@@ -111,7 +107,7 @@ def setup(args, run, caps, out_path: Path, rank: int, say=print) -> Extras:
             raise drift.DriftError(f"--base {ex.base_path}: not a checkpoint folder")
         say(f"probes.run: drift against {ex.base_path}")
     if args.signatures:
-        processor = load_processor_for(run.checkpoints[0].path, trust_remote_code=ex.safety["trust_remote_code"])
+        processor = load_processor(run.checkpoints[0].path, load_options(args))
         try:
             ex.sigs = derive_all(run.manifest, [s.caption for s in caps.samples], processor, args.signature_tasks,
                                  args.signature_file, prior=args.signature_prior, z_min=args.signature_z,

@@ -47,16 +47,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from training.chat import collate
+from training.checkpoints import load, load_processor
 from training.families import CheckpointError, family_of_model
 
 from . import table
 from .captions import CaptionDataError
-from .cli import add_loading_arguments
+from .cli import add_loading_arguments, load_options
 from .discover import DiscoveryError, discover
 from .drift import DriftError
 from .engine import EncodeCache, Engine, SampleAccumulator
-from .loading import load_for_inference, load_processor_for
-from .run import caption_set, pick_device
+from .run import caption_set
 from .tokensets import token_set, vocab_fingerprint
 
 COMPONENTS = {"attn": "self_attn", "mlp": "mlp"}
@@ -273,19 +273,17 @@ def main(argv=None) -> int:
             if first.stage != 0:
                 raise DriftError(f"{run.root}: no stage 0 to serve as the base; pass --base PATH")
             base_path, base_rel = first.path, first.rel
-        processor = load_processor_for(base_path, trust_remote_code=args.trust_remote_code)
+        opts = load_options(args)
+        processor = load_processor(base_path, opts)
     except (DiscoveryError, CaptionDataError, CheckpointError, table.TableError, DriftError) as e:
         print(f"probes.layers: error: {e}", file=sys.stderr)
         return 2
-    device, dtype, attn = pick_device(args.device, args.attn)
     print(f"probes.layers: {len(run.checkpoints)} checkpoint(s) in {run.root} against {base_path}; captions "
-          f"{caps.source} ({len(caps.samples)} samples, hash {caps.hash}); {device} {dtype} -> {out_path}")
+          f"{caps.source} ({len(caps.samples)} samples, hash {caps.hash}); {opts.device} {opts.dtype} -> {out_path}")
     if caps.report():
         print(f"probes.layers: {caps.report()}", file=sys.stderr)
     cache = EncodeCache()
-    load = dict(dtype=dtype, device=device, attn_implementation=attn, processor=processor,
-                allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-    base_model, _ = load_for_inference(base_path, **load)
+    base_model, _ = load(base_path, opts, processor=processor)
     base = Engine(base_model, processor, token_sets=(), encode_cache=cache)
     readout = Readout(base_model, token_set(processor.tokenizer, "number"))
     n_layers = Taps(base_model, base.family).n_layers
@@ -304,10 +302,10 @@ def main(argv=None) -> int:
             continue
         model = None
         try:
-            own = load_processor_for(ck.path, trust_remote_code=args.trust_remote_code)
+            own = load_processor(ck.path, opts)
             if vocab_fingerprint(own.tokenizer) != vocab_fingerprint(processor.tokenizer):
                 raise CheckpointError(f"{ck.path}: its tokenizer differs from the base's")
-            model, _ = load_for_inference(ck.path, **load)
+            model, _ = load(ck.path, opts, processor=processor)
             eng = Engine(model, processor, token_sets=(), encode_cache=cache)
             per = attribute(base, eng, readout, caps.samples, batches, progress=True)
             table.append_rows(out_path, rows_for(run, ck, base_rel, per, caps), columns=COLUMNS, dtypes=DTYPES,

@@ -20,14 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+from training.checkpoints import LoadOptions, load
 from training.families import CheckpointError
 
 from . import benchmarks as B
 from .captions import CaptionDataError
+from .cli import pick_device
 from .discover import DiscoveryError, discover
 from .engine import EncodeCache, Engine
-from .loading import load_for_inference, load_processor_for
-from .run import pick_device
 from .signatures import SignatureError, task_files
 
 COST_FILE = "monitor_cost.json"
@@ -61,12 +61,12 @@ def monitor_settings(manifest: dict, captions: int | None) -> dict:
     return m
 
 
-def time_monitor(run, ck, model, processor, m: dict, repeats: int, load_kw: dict) -> dict:
+def time_monitor(run, ck, model, processor, m: dict, repeats: int, opts: LoadOptions) -> dict:
     from training.monitor import build_probe
 
     stage0 = min(run.checkpoints, key=lambda c: c.stage)
     probe, _, _, dataset, dataset_hash = build_probe(m, run.captions, processor, stage0.path,
-                                                     task_files(run.manifest) if m["signatures"] else {}, load_kw)
+                                                     task_files(run.manifest) if m["signatures"] else {}, opts)
     _, first = probe(model)
     seconds = [probe(model)[1] for _ in range(repeats)]
     return {"captions": len(probe.samples), "probes": probe.probe_names, "dataset": dataset,
@@ -113,12 +113,10 @@ def main(argv=None) -> int:
             raise DiscoveryError(f"{run.root}: no stage {stage} (stages {sorted(cks)})")
         ck = cks[stage]
         device, dtype, attn = pick_device(args.device)
-        processor = load_processor_for(ck.path)
-        model, _ = load_for_inference(ck.path, dtype=dtype, device=device, attn_implementation=attn,
-                                      processor=processor)
+        opts = LoadOptions(dtype=dtype, device=device, attn=attn)
+        model, processor = load(ck.path, opts)
         m = monitor_settings(run.manifest, args.captions)
-        load_kw = dict(dtype=dtype, device=device, attn_implementation=attn)
-        mon = time_monitor(run, ck, model, processor, m, args.repeats, load_kw)
+        mon = time_monitor(run, ck, model, processor, m, args.repeats, opts)
         names = [n.strip() for n in args.benchmarks.split(",")] if args.benchmarks else None
         held = time_heldout(run, model, processor, names, args.limit, args.batch_size, args.max_new_tokens)
     except (DiscoveryError, CaptionDataError, CheckpointError, B.BenchmarkError, SignatureError, ValueError) as e:

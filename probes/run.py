@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import os
 import sys
@@ -27,16 +28,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from training.checkpoints import LoadOptions, load, load_processor
 from training.families import CheckpointError
 
 from . import extras as drift_extras
 from . import study, table
 from .captions import CaptionDataError, load_captions
-from .cli import add_loading_arguments
+from .cli import add_loading_arguments, load_options
 from .discover import DiscoveryError, RunDir, discover
 from .drift import DriftError
 from .engine import MAX_NEW_TOKENS, EncodeCache, Engine
-from .loading import load_for_inference, load_processor_for
 from .tokensets import TOKEN_SETS, decoded_vocab, token_set, vocab_fingerprint
 from .vision_cache import VisionCache
 
@@ -128,15 +129,6 @@ def broadcast(obj, rank: int, world: int):
     return box[0]
 
 
-def pick_device(arg: str = "auto", attn: str = "auto") -> tuple[str, torch.dtype, str | None]:
-    """(device, dtype, attention implementation): fp32 on the CPU, bf16 + SDPA (or flash) on a GPU."""
-    if arg == "auto":
-        arg = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-    if arg.startswith("cuda"):
-        return arg, torch.bfloat16, "sdpa" if attn == "auto" else attn
-    return arg, torch.float32, None if attn == "auto" else attn
-
-
 # -- the work --------------------------------------------------------------------------------------
 def caption_set(args, run: RunDir):
     if args.captions:
@@ -150,14 +142,12 @@ def caption_set(args, run: RunDir):
                            "(no \"captions\": {\"path\", \"images\"})")
 
 
-def probe_checkpoint(ck, processor, args, caps, modes, device, dtype, attn, set_ids, rank, world,
+def probe_checkpoint(ck, processor, args, caps, modes, opts: LoadOptions, set_ids, rank, world,
                      cache=None, vision_cache=None) -> dict:
     """This rank's share of every needed mode: {mode: {sample index: values}}. Raises on failure."""
     extras = getattr(args, "extras", None)          # drift and task signatures (probes.extras)
     set_ids = set_ids | extras.sig_sets if extras is not None else set_ids
-    model, processor = load_for_inference(ck.path, dtype=dtype, device=device, attn_implementation=attn,
-                                          processor=processor, allow_pickle=args.allow_pickle,
-                                          trust_remote_code=args.trust_remote_code)
+    model, processor = load(ck.path, opts, processor=processor)
     try:
         if args.profile == "study":
             return {"generate": study.probe_values(model, processor, caps.samples, set_ids["number_study"], args,
@@ -169,8 +159,7 @@ def probe_checkpoint(ck, processor, args, caps, modes, device, dtype, attn, set_
             with_answer = mode == "teacher-forced"
             mine = eng.plan(caps.samples, args.batch_size, with_answer)[rank::world]
             if with_answer and extras is not None and extras.drift:
-                out[mode] = extras.teacher_forced(eng, caps.samples, mine, device=device, dtype=dtype, attn=attn,
-                                                  cache=cache, progress=rank == 0)
+                out[mode] = extras.teacher_forced(eng, caps.samples, mine, opts=opts, cache=cache, progress=rank == 0)
             elif with_answer:
                 out[mode] = eng.teacher_forced(caps.samples, batches=mine, progress=rank == 0)
             else:
@@ -252,11 +241,11 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         if rank == 0:
             print(f"probes.run: error: {error}", file=sys.stderr)
         return 2
-    device, dtype, attn = pick_device(args.device, args.attn)
-    if args.profile == "study" and device.startswith("cuda"):
-        dtype = torch.float16                      # as the study ran it
+    opts = load_options(args)
+    if args.profile == "study" and opts.device.startswith("cuda"):
+        opts = dataclasses.replace(opts, dtype=torch.float16)      # as the study ran it
     say(f"probes.run: {len(run.checkpoints)} checkpoint(s) in {run.root}; captions {caps.source} "
-        f"({len(caps.samples)} samples, hash {caps.hash}); modes {', '.join(MODES[args.mode])}; {device} {dtype}; "
+        f"({len(caps.samples)} samples, hash {caps.hash}); modes {', '.join(MODES[args.mode])}; {opts.device} {opts.dtype}; "
         f"{world} process(es) -> {out_path}")
     if rank == 0 and caps.report():
         print(f"probes.run: warning: {caps.report()}", file=sys.stderr)
@@ -273,7 +262,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             continue
         if ref is None or need:
             try:
-                processor = load_processor_for(ck.path, trust_remote_code=args.trust_remote_code)
+                processor = load_processor(ck.path, opts)
                 fp = vocab_fingerprint(processor.tokenizer)    # same id -> token map = same token sets
                 if ref is None:
                     ref = (ck.path, fp, len(processor.tokenizer))
@@ -296,7 +285,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             if fp not in set_cache:
                 vocab = decoded_vocab(processor.tokenizer)
                 set_cache[fp] = {s: token_set(processor.tokenizer, s, vocab) for s in args.token_sets}
-            payload["values"] = probe_checkpoint(ck, processor, args, caps, need, device, dtype, attn,
+            payload["values"] = probe_checkpoint(ck, processor, args, caps, need, opts,
                                                  set_cache[fp], rank, world, encode_cache, vision_cache)
         except Exception as e:  # any failure of one checkpoint: report it, keep going with the others
             payload["error"] = f"{type(e).__name__}: {e}"

@@ -16,17 +16,16 @@ from transformers import AutoModelForImageTextToText
 
 from analysis import forgetting_by_cell, load_run
 from probes.evaluate import main as evaluate_main
-from probes.loading import load_for_inference
 from probes.run import main as probes_main
+from training import moe_layer as moe_mod
 from training import run as run_mod
-from training.checkpoints import load_model
+from training.checkpoints import load, load_model
 from training.config import ConfigError, load_config
 from training.data import Collator, ConversationDataset
 from training.families import FAMILIES
 from training.loop import make_accelerator, train_stage
 from training.methods import LoRA, LwF, MoE, build, label, resolve
 from training.methods import lwf as lwf_mod
-from training.methods import moe as moe_mod
 from training.methods.lora import target_modules
 from training.mixing import draw, pool_names
 from training.recipes import RecipeError
@@ -371,8 +370,8 @@ def test_lora_run_saves_adapters_over_the_untouched_base(method_runs, tiny_check
     for d in _stages(out)[1:]:
         meta = json.loads((d / "adapter_config.json").read_text())
         assert meta["base_model_name_or_path"] == "../stage-00-base" and meta["r"] == 4
-        adapted, _ = load_for_inference(d)
-        merged, _ = load_for_inference(out / "merged" / d.name)
+        adapted, _ = load(d)
+        merged, _ = load(out / "merged" / d.name)
         a, m = adapted.state_dict(), merged.state_dict()
         assert all(torch.equal(a[k], m[k]) for k in a)  # the merged sibling is the adapter merged into the base
 
@@ -401,7 +400,7 @@ def test_moe_run_loads_as_moe_for_probes_and_as_the_base_for_auto_classes(method
     assert meta["experts"] == 2 and meta["layers"] == 2
     model = load_model(last)
     assert moe_mod.is_moe(model) and not model.training
-    probe_model, _ = load_for_inference(last)
+    probe_model, _ = load(last)
     assert moe_mod.is_moe(probe_model)
     copies = load_file(str(last / moe_mod.MOE_WEIGHTS))
     params = dict(model.named_parameters())

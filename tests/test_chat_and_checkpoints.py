@@ -87,5 +87,5 @@ def test_processor_without_tokenizer_files_is_refused(tiny_models, tmp_path):
     processor.save_pretrained(tmp_path)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / f).unlink()
-    with pytest.raises(CheckpointError, match=f"{tmp_path}.*no tokenizer files"):
+    with pytest.raises(CheckpointError, match=f"{tmp_path}: no tokenizer: no tokenizer.json"):
         load_processor(tmp_path)

@@ -176,14 +176,14 @@ def test_probes_run_drift_and_signatures(trained_run, capsys):
 def test_drift_rows_equal_the_engine_on_the_saved_checkpoints(trained_run, tmp_path):
     """The row of stage 2 is the mean over samples of the direct per-sample KL of stage 2 against stage 0."""
     from probes.captions import load_captions
-    from probes.loading import load_for_inference
+    from training.checkpoints import load
 
     out = tmp_path / "p.parquet"
     assert probes_run(["--ckpt-dir", str(trained_run), "--drift", "--out", str(out), "--num-samples", "5"]) == 0
     man = json.loads((trained_run / "run.json").read_text())
     caps = load_captions(man["captions"]["path"], man["captions"]["images"], 5)
-    base, proc = load_for_inference(trained_run / "stage-00-base")
-    ck, _ = load_for_inference(trained_run / "stage-02-pathvqa")
+    base, proc = load(trained_run / "stage-00-base")
+    ck, _ = load(trained_run / "stage-02-pathvqa")
     direct = [reference(base, ck, proc, FAMILIES["qwen2_5_vl"], s) for s in caps.samples]
     want = sum(sum(k for k, _ in r) / len(r) for r in direct) / len(direct)
     got = pd.read_parquet(out).query("stage == 2 and probe == 'kl_to_base'")["mean"].iloc[0]

@@ -17,9 +17,8 @@ from probes import table
 from probes.captions import load_captions
 from probes.discover import discover
 from probes.engine import Engine
-from probes.loading import load_for_inference
 from probes.run import main
-from training.checkpoints import save_delta, save_full
+from training.checkpoints import load, save_delta, save_full
 from training.families import FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +81,7 @@ def test_run_json_end_to_end_table_contract(tmp_path, stage_models, capsys):
     # The row is the summary of the engine's per-sample values on that checkpoint.
     caps = load_captions(tmp_path / "caps.json", tmp_path / "imgs")
     assert r["dataset_hash"] == caps.hash
-    model, proc = load_for_inference(run / "stage-01-task1")
+    model, proc = load(run / "stage-01-task1")
     per = Engine(model, proc).teacher_forced(caps.samples, batch_size=4)
     v = np.array([per[i]["number_mass"] for i in range(9)])
     from scipy.stats import t
@@ -200,7 +199,7 @@ def test_discovery_orders_trainer_checkpoints_and_finds_adapters_and_deltas(tmp_
             if n in names:
                 p.mul_(-3)
     save_delta(tuned, processor, root / "z-delta", tmp_path / "base", names, FAMILIES["qwen2_5_vl"])
-    loaded_base = load_for_inference(tmp_path / "base")[0]
+    loaded_base = load(tmp_path / "base")[0]
     peft = get_peft_model(loaded_base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                   target_modules=r".*language_model.*\.(gate_proj|down_proj)"))
     peft.save_pretrained(str(root / "y-adapter"))
@@ -215,7 +214,7 @@ def test_discovery_orders_trainer_checkpoints_and_finds_adapters_and_deltas(tmp_
 
     caps = load_captions(write_captions(tmp_path), tmp_path / "imgs", 5)
     for folder, expected in (("y-adapter", merged), ("z-delta", tuned)):
-        model, proc = load_for_inference(root / folder)          # the adapter has no processor: its base's
+        model, proc = load(root / folder)          # the adapter has no processor: its base's
         got = Engine(model, proc).teacher_forced(caps.samples, batch_size=5)
         want = Engine(expected, processor).teacher_forced(caps.samples, batch_size=5)
         for i in range(5):
@@ -223,7 +222,7 @@ def test_discovery_orders_trainer_checkpoints_and_finds_adapters_and_deltas(tmp_
                 assert got[i][k] == pytest.approx(want[i][k], abs=1e-6), (folder, k)
     shutil.rmtree(tmp_path / "base")
     with pytest.raises(Exception, match="y-adapter.*base model"):
-        load_for_inference(root / "y-adapter")
+        load(root / "y-adapter")
 
 
 def test_torchrun_two_processes_give_the_same_table_as_one(tmp_path, stage_models):

@@ -22,10 +22,9 @@ from probes.captions import CaptionDataError, Sample, load_captions
 from probes.engine import Engine, NonFiniteLogits
 from probes.evaluate import main as evaluate
 from probes.lmms_eval_import import main as lmms_import
-from probes.loading import load_for_inference
 from probes.run import main as probe
 from training import run as run_mod
-from training.checkpoints import save_delta
+from training.checkpoints import LoadOptions, load, save_delta
 from training.data import ConversationDataset, DataError, TaskFiles
 from training.families import FAMILIES, CheckpointError
 
@@ -242,7 +241,7 @@ def damage(run: Path, models: Path, tmp_path: Path) -> dict[str, str]:
     for f in st[3].glob("tokenizer*"):                                           # no tokenizer
         f.unlink()
     shutil.rmtree(st[4])                                                         # a delta whose base is gone
-    model, processor = load_for_inference(models / "s1")
+    model, processor = load(models / "s1")
     shutil.copytree(models / "s1", tmp_path / "gone-base")
     save_delta(model, processor, st[4], tmp_path / "gone-base", [], FAMILIES["qwen2_5_vl"])
     shutil.rmtree(tmp_path / "gone-base")
@@ -432,7 +431,7 @@ def test_nan_or_inf_logits_stop_with_the_sample_named(tiny_models):
 def test_nan_checkpoint_fails_with_checkpoint_and_sample_named(tmp_path, models, capsys):
     run = make_run(tmp_path, models, n_stages=3)
     stage1 = run / "stage-01-task1"
-    model, processor = load_for_inference(stage1)
+    model, processor = load(stage1)
     shutil.rmtree(stage1)
     bad = nan_on(model, processor, "9")
     bad.save_pretrained(stage1)
@@ -531,9 +530,9 @@ def test_pickle_weights_refused_unless_allowed_then_weights_only(tmp_path, model
                                                              "target_modules": ["q_proj"]}))
     torch.save({"w": Hostile(marker)}, adapter / "adapter_model.bin")
     with pytest.raises(CheckpointError, match=f"{adapter}: no adapter_model.safetensors.*--allow-pickle"):
-        load_for_inference(adapter)
+        load(adapter)
     with pytest.raises(Exception, match="Weights only load failed"):
-        load_for_inference(adapter, allow_pickle=True)
+        load(adapter, LoadOptions(allow_pickle=True))
     assert not marker.exists()
 
 

@@ -1,4 +1,5 @@
-"""Checkpoint folders: write them atomically (full or delta), read them back (probes load through here).
+"""Checkpoint folders: write them atomically (full or delta), and the one loader of every stage folder
+(full, delta, PEFT adapter, MoE baseline) with the one set of load settings, `LoadOptions`.
 
 A full checkpoint is a Hugging Face `save_pretrained` folder (config.json, *.safetensors, processor and
 tokenizer files). A delta holds only the trained tensors, for real models where a full save per stage per
@@ -19,18 +20,21 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import moe_layer
 from .families import CheckpointError, Family, check_checkpoint_folder, family_of_checkpoint, get_family
 
 DELTA_JSON = "delta.json"
 DELTA_WEIGHTS = "delta.safetensors"
 DELTA_FORMAT = "lmm-drift-delta"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Files that hold a vocabulary; without one, AutoProcessor quietly builds an empty tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
@@ -165,17 +169,44 @@ def adapter_base(path: str | os.PathLike) -> Path:
                           "copy the base next to the adapter or write its local path into adapter_config.json")
 
 
-def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | None = None,
-               attn_implementation: str | None = None, allow_pickle: bool = False,
-               trust_remote_code: bool = False) -> nn.Module:
-    """Load a full checkpoint or a delta over its base, in eval mode. A folder with a moe.json (the MoE
-    baseline) gets its two-expert MLPs rebuilt (training.methods.moe)."""
+@dataclass(frozen=True)
+class LoadOptions:
+    """The one place the load settings live. dtype/device/attn: None keeps the folder's dtype, the CPU and
+    the library's default attention. Safetensors only and no code from the folder unless `allow_pickle`
+    (then torch.load with weights_only) / `trust_remote_code`."""
+    dtype: torch.dtype | None = None
+    device: str | None = None
+    attn: str | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+def load(path: str | os.PathLike, opts: LoadOptions = LoadOptions(), *, processor=None):
+    """(model in eval mode, processor) of any folder a run's stage may be: a full folder, a delta over its
+    base, or a PEFT adapter (merged into its base once, so it costs what a full model costs); the MoE
+    baseline's layers are rebuilt. `processor`: one already loaded (it is not loaded again). Errors are
+    CheckpointError naming the folder."""
     path = Path(path)
-    kw = dict(dtype=dtype, attn_implementation=attn_implementation, allow_pickle=allow_pickle,
-              trust_remote_code=trust_remote_code)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint folder does not exist")
+    if not is_stage(path):
+        raise CheckpointError(f"{path}: not a checkpoint (no config.json with weights, delta.json or "
+                              f"{ADAPTER_CONFIG})")
+    if processor is None:
+        processor = load_processor(path, opts)
+    return load_model(path, opts), processor
+
+
+def load_model(path: str | os.PathLike, opts: LoadOptions = LoadOptions()) -> nn.Module:
+    """The model alone, in eval mode (see `load`)."""
+    path = Path(path)
+    if is_adapter(path):
+        return _load_adapter(path, opts)
+    kw = dict(dtype=opts.dtype, attn_implementation=opts.attn, allow_pickle=opts.allow_pickle,
+              trust_remote_code=opts.trust_remote_code)
     if not is_delta(path):
         model = family_of_checkpoint(path).load(path, **kw)
-        return _finish(model, path, device)
+        return _finish(model, path, opts.device)
     meta, base = read_delta(path)
     model = family_of_checkpoint(base).load(base, **kw)
     weights = path / DELTA_WEIGHTS
@@ -194,37 +225,82 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None, dev
                 raise CheckpointError(f"{weights}: tensor {n!r} has shape {tuple(t.shape)}, the base has "
                                       f"{tuple(params[n].shape)}")
             params[n].copy_(t.to(params[n].dtype))
-    return _finish(model, path, device)
+    return _finish(model, path, opts.device)
+
+
+def _load_adapter(path: Path, opts: LoadOptions) -> nn.Module:
+    """The adapter merged into its base (loaded on the CPU, moved once merged)."""
+    base = adapter_base(path)
+    if not (path / ADAPTER_WEIGHTS).is_file() and not opts.allow_pickle:
+        raise CheckpointError(f"{path}: no {ADAPTER_WEIGHTS}; pickle weights (adapter_model.bin) can run code "
+                              "on load, so they are refused unless --allow-pickle is given")
+    model = load_model(base, replace(opts, device=None))
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, str(path), is_trainable=False).merge_and_unload()
+    except Exception as e:  # peft raises ValueError/KeyError/RuntimeError for mismatched adapters
+        raise CheckpointError(f"{path}: cannot apply the adapter to its base {base} ({e})") from e
+    if opts.device is not None:
+        model.to(opts.device)
+    return model.eval()
 
 
 def _finish(model: nn.Module, path: Path, device: str | None) -> nn.Module:
-    from .methods import moe  # lazy: methods import this module
-
-    if moe.is_moe_folder(path):
-        moe.restore(model, path)
+    if moe_layer.is_moe_folder(path):
+        moe_layer.restore(model, path)
     if device is not None:
         model.to(device)
     return model.eval()
 
 
-def load_processor(path: str | os.PathLike, trust_remote_code: bool = False):
-    """The folder's own processor (a delta carries one); falls back to a delta's base."""
+def has_image_processor(folder: str | os.PathLike) -> bool:
+    """preprocessor_config.json (older layout) or processor_config.json with an image_processor entry."""
+    p = Path(folder)
+    if (p / "preprocessor_config.json").is_file():
+        return True
+    try:
+        return "image_processor" in json.loads((p / "processor_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_processor(path: str | os.PathLike, opts: LoadOptions = LoadOptions()):
+    """The checkpoint's processor (tokenizer + image processor + chat template): the folder's own, else a
+    delta's or an adapter's base's. Raises CheckpointError naming the folder when there is none."""
     from transformers import AutoProcessor
 
     path = Path(path)
-    candidates = [path] + ([read_delta(path)[1]] if is_delta(path) else [])
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint folder does not exist")
+    bases = [read_delta(path)[1]] if is_delta(path) else [adapter_base(path)] if is_adapter(path) else []
+    sources = [c for c in [path, *bases] if has_tokenizer(c)]
+    if not sources:
+        where = f"{path}" + (f" nor its base {bases[0]}" if bases else "")
+        raise CheckpointError(f"{path}: no tokenizer: no {', '.join(TOKENIZER_FILES)} or *.tiktoken in {where}; "
+                              "save the processor (tokenizer included) with the checkpoint")
+    if not any(has_image_processor(c) for c in [sources[0], *bases]):
+        raise CheckpointError(f"{path}: no image processor (no preprocessor_config.json, and no processor_config.json "
+                              "with an image_processor entry); save the processor with the checkpoint")
     errors = []
-    for c in candidates:
-        if not has_tokenizer(c):
-            errors.append(f"{c}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-            continue
+    for c in sources:
         try:
-            return AutoProcessor.from_pretrained(str(c), local_files_only=True, trust_remote_code=trust_remote_code)
+            proc = AutoProcessor.from_pretrained(str(c), local_files_only=True,
+                                                 trust_remote_code=opts.trust_remote_code)
+            break
         except (OSError, ValueError, TypeError) as e:
             errors.append(f"{c}: {e}")
-    raise CheckpointError(f"{path}: no usable processor/tokenizer ({'; '.join(errors)[:400]})")
+    else:
+        raise CheckpointError(f"{path}: no usable processor/tokenizer ({'; '.join(errors)[:400]})")
+    if not hasattr(proc, "tokenizer") or not hasattr(proc, "image_processor"):
+        raise CheckpointError(f"{path}: has a tokenizer but no multimodal processor (no image processor / "
+                              "preprocessor_config.json); save the processor with the checkpoint")
+    if not getattr(proc, "chat_template", None) and not getattr(proc.tokenizer, "chat_template", None):
+        raise CheckpointError(f"{path}: its processor has no chat template; probes use the checkpoint's own")
+    return proc
 
 
-__all__ = ["ADAPTER_CONFIG", "DELTA_JSON", "DELTA_WEIGHTS", "TOKENIZER_FILES", "adapter_base", "atomic_dir",
-           "check_checkpoint_folder", "family_of", "has_tokenizer", "is_adapter", "is_checkpoint", "is_delta",
-           "is_stage", "load_model", "load_processor", "read_delta", "save_delta", "save_full"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "DELTA_JSON", "DELTA_WEIGHTS", "TOKENIZER_FILES", "LoadOptions",
+           "adapter_base", "atomic_dir", "check_checkpoint_folder", "family_of", "has_image_processor",
+           "has_tokenizer", "is_adapter", "is_checkpoint", "is_delta", "is_stage", "load", "load_model",
+           "load_processor", "read_delta", "save_delta", "save_full"]

@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
+from .checkpoints import LoadOptions, load_model
 from .config import ConfigError
 
 MONITOR_FILE = "monitor.parquet"
@@ -50,7 +52,7 @@ class MonitorError(ConfigError):
     """A monitor that cannot run with this config or run; the message names the key."""
 
 
-def build_probe(m: dict, captions: dict | None, processor, stage0: Path, task_files: dict, load_kw: dict):
+def build_probe(m: dict, captions: dict | None, processor, stage0: Path, task_files: dict, opts: LoadOptions):
     """The monitor's probe (probes.drift.CaptionProbe) from the `monitor.*` keys `m`, and stage 0's values:
     (probe, base values, seconds of that check, dataset name, dataset hash). Also used by
     probes.monitor_cost to time the same check."""
@@ -58,8 +60,6 @@ def build_probe(m: dict, captions: dict | None, processor, stage0: Path, task_fi
     from probes.drift import CaptionProbe
     from probes.signatures import derive, read_answers
     from probes.tokensets import decoded_vocab, token_set
-
-    from .checkpoints import load_model
 
     if not captions:
         raise MonitorError("monitor.every is set but the run has no caption set (set probe.captions, or use a "
@@ -75,7 +75,7 @@ def build_probe(m: dict, captions: dict | None, processor, stage0: Path, task_fi
             sig = derive(name, read_answers(path), refs, processor, source=str(path), vocab=vocab)
             if sig.tokens:
                 set_ids[sig.name] = sig.ids
-    base = load_model(stage0, **load_kw)
+    base = load_model(stage0, opts)
     probe = CaptionProbe(processor, samples, set_ids, batch_size=int(m["batch_size"]),
                          base_model=base if m["kl"] else None)
     if m["probe"] not in probe.probe_names:
@@ -91,18 +91,18 @@ class DriftMonitor:
     """Built by `create`; its probe (and stage 0's values) are made at the first check, when stage 0 exists."""
 
     def __init__(self, cfg: dict, out: Path, captions: dict | None, processor, stages: list[dict], tasks: list,
-                 *, main: bool = True, load_kw: dict | None = None, device=None):
+                 opts: LoadOptions, *, main: bool = True):
         self.cfg, self.out, self.main, self.run_name = cfg["monitor"], Path(out), main, Path(out).name
         self.path = self.out / MONITOR_FILE
         self.captions, self.processor, self.stages, self.tasks = captions, processor, stages, tasks
-        self.load_kw = dict(load_kw or {}, device=device)
+        self.opts = opts
         self.probe = None
         self.stage = None
 
     def _setup(self) -> None:
         self.probe, self.base_values, seconds, self.dataset, self.dataset_hash = build_probe(
             self.cfg, self.captions, self.processor, self.out / self.stages[0]["path"],
-            {t.name: t.train for t in self.tasks}, self.load_kw)
+            {t.name: t.train for t in self.tasks}, self.opts)
         self.rows = self._kept_rows()
         self._add(0, "base", None, 0, self.base_values, seconds, 1.0, "")
 
@@ -222,7 +222,7 @@ def _agree(flag: bool) -> bool:
     return bool(box[0])
 
 
-def create(cfg: dict, plan, out: Path, processor, accelerator, load_kw: dict) -> DriftMonitor | None:
+def create(cfg: dict, plan, out: Path, processor, accelerator, opts: LoadOptions) -> DriftMonitor | None:
     """The run's monitor, or None when `monitor.every` is 0. Checks what it can before stage 0 is written."""
     m = cfg["monitor"]
     if not m["every"]:
@@ -244,5 +244,5 @@ def create(cfg: dict, plan, out: Path, processor, accelerator, load_kw: dict) ->
         known |= {f"{set_name(t.name)}_{k}" for t in plan.tasks for k in ("mass", "max_prob")}
     if m["probe"] not in known:
         raise MonitorError(f"monitor.probe {m['probe']!r} is not among the monitor's probes ({', '.join(sorted(known))})")
-    return DriftMonitor(cfg, out, captions, processor, plan.stages, plan.tasks, main=accelerator.is_main_process,
-                        load_kw=load_kw, device=accelerator.device)
+    return DriftMonitor(cfg, out, captions, processor, plan.stages, plan.tasks, replace(opts, device=accelerator.device),
+                        main=accelerator.is_main_process)

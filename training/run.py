@@ -71,7 +71,7 @@ def resolve_base(base: str | None) -> Path:
         if len(parts) != 3:
             raise RunError(f"base {base!r}: expected world:FAMILY:SIZE, e.g. world:qwen2_5_vl:toy")
         from .world import base_checkpoint  # lazy: the world is heavy and optional
-        return Path(base_checkpoint(parts[1], parts[2]))
+        return Path(base_checkpoint(parts[1], parts[2], train=run))   # pretrained by this loop
     path = Path(base)
     if not checkpoints.is_checkpoint(path):
         raise RunError(f"base {base!r} is not a checkpoint folder (no config.json with *.safetensors, nor a delta)")
@@ -214,14 +214,14 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
         print(f"[training.run] {out}: resuming after stage {done - 1} ({plan.stages[done - 1]['path']})",
               file=sys.stderr)
     dtype = DTYPES[cfg["model"]["dtype"]]
-    load_kw = dict(dtype=dtype, attn_implementation=cfg["model"]["attn_implementation"])
-    load_kw |= dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    processor = checkpoints.load_processor(plan.base, trust_remote_code=trust_remote_code)
+    opts = checkpoints.LoadOptions(dtype=dtype, attn=cfg["model"]["attn_implementation"], allow_pickle=allow_pickle,
+                                   trust_remote_code=trust_remote_code)
+    processor = checkpoints.load_processor(plan.base, opts)
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         raise RunError(f"{plan.base}: the tokenizer has no pad token")
     from .monitor import create as create_monitor
-    monitor = create_monitor(cfg, plan, out, processor, accelerator, load_kw)   # monitor.every; built at its first check
+    monitor = create_monitor(cfg, plan, out, processor, accelerator, opts)   # monitor.every; built at its first check
 
     if done == 0:
         stage0 = out / plan.stages[0]["path"]
@@ -229,7 +229,7 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
             if cfg["save"] == "delta":
                 checkpoints.save_delta(torch.nn.Module(), processor, stage0, plan.base, [], plan.family)
             else:
-                checkpoints.save_full(checkpoints.load_model(plan.base, **load_kw), processor, stage0)
+                checkpoints.save_full(checkpoints.load_model(plan.base, opts), processor, stage0)
             _write_json_atomic(out / RUN_JSON, plan.manifest(1))
         accelerator.wait_for_everyone()
         done = 1
@@ -241,7 +241,7 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
         ctx = StageContext(index=k, task=task.name, prev=out / plan.stages[k - 1]["path"], path=out / stage["path"],
                            run_dir=out, stage0=out / plan.stages[0]["path"], base=plan.base, family=plan.family,
                            processor=processor, save=cfg["save"], accelerator=accelerator)
-        model = method.load(ctx.prev, **load_kw)
+        model = method.load(ctx.prev, opts)
         dataset, mixed = stage_dataset(task, plan.mix_pool(k), processor, share=cfg["mix"]["share"], seed=cfg["seed"],
                                        stage=k, max_examples=cfg["data"]["max_examples"])
         method.begin_stage(model, ctx)

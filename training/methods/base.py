@@ -2,7 +2,7 @@
 
 The loop (training.run + training.loop.train_stage) calls these hooks, in this order, for stage k:
 
-    model = method.load(prev_stage_folder)      # the model stage k starts from
+    model = method.load(prev_stage_folder, opts)  # the model stage k starts from
     method.begin_stage(model, ctx)              # e.g. LwF's frozen teacher, WiSE-FT's copy of theta_prev
     model, applied = method.select(model)       # inside train_stage, after seeding: what trains
     loss = CE + method.extra_loss(...)          # per micro-batch (LwF's distillation term), or CE alone
@@ -78,8 +78,8 @@ class Method:
         (`model` may live on the meta device)."""
         plan(model, self.recipe)
 
-    def load(self, path: str | os.PathLike, **load_kw) -> nn.Module:
-        return checkpoints.load_model(path, **load_kw)
+    def load(self, path: str | os.PathLike, opts: checkpoints.LoadOptions) -> nn.Module:
+        return checkpoints.load_model(path, opts)
 
     def begin_stage(self, model: nn.Module, ctx: StageContext) -> None:
         pass

@@ -7,7 +7,7 @@ frozen and bitwise unchanged; only lora_A / lora_B train, at `lora.lr` (the pape
 Stages: one adapter for the whole run. Stage 1 creates it over the base; stage k loads stage k-1's adapter
 (trainable) over the same base and keeps training it. Every stage folder is a PEFT adapter folder
 (adapter_config.json + adapter_model.safetensors + the processor files) whose base_model_name_or_path is
-`../stage-00-base`, so each stage loads on its own (probes.loading merges it into the base).
+`../stage-00-base`, so each stage loads on its own (training.checkpoints.load merges it into the base for probes).
 With `lora.save_merged`, RUN/merged/ also gets each stage merged into a plain checkpoint (a run directory).
 """
 from __future__ import annotations
@@ -62,12 +62,12 @@ class LoRA(Method):
     def check(self, model):
         target_modules(model, self.recipe)
 
-    def load(self, path, **load_kw):
+    def load(self, path, opts):
         if not checkpoints.is_adapter(path):
-            return checkpoints.load_model(path, **load_kw)
+            return checkpoints.load_model(path, opts)
         from peft import PeftModel
 
-        base = checkpoints.load_model(checkpoints.adapter_base(path), **load_kw)
+        base = checkpoints.load_model(checkpoints.adapter_base(path), opts)
         return PeftModel.from_pretrained(base, str(path), is_trainable=True)
 
     def select(self, model):

@@ -2,7 +2,7 @@
 
     world = ensure_world()                       # .cache/world/v2 (or $LMM_DRIFT_CACHE/world/vN), built once
     info = load_world(world)                     # world.json: tasks, splits, scorers, chance levels
-    ckpt = base_checkpoint("qwen2_5_vl", "toy")  # the pretrained base model, built once and cached
+    ckpt = base_checkpoint("qwen2_5_vl", "toy", train=training.run.run)   # the pretrained base, built once
 
 `TARGET_TASKS` are the five skills taught in sequence (in their default order); `HELDOUT_TASKS` are
 general abilities the base model is pretrained on and no stage trains; `TRANSFER_TASKS` ask a target's

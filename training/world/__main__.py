@@ -39,11 +39,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def show_base(spec: str) -> int:
+    from ..run import run
     from .base import BASE_JSON, base_checkpoint
 
     family, _, size = spec.partition(":")
     try:
-        path = base_checkpoint(family, size or "toy")
+        path = base_checkpoint(family, size or "toy", train=run)
     except (KeyError, ValueError) as e:
         print(f"error: --base {spec!r}: {e}", file=sys.stderr)
         return 2

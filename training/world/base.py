@@ -1,9 +1,11 @@
 """The world's pretrained base model: built on first use through the project's own loop, then cached.
 
-    base_checkpoint("qwen2_5_vl", "toy")   # <cache>/base/v1/qwen2_5_vl-toy, a full HF checkpoint folder
+    base_checkpoint("qwen2_5_vl", "toy", train=training.run.run)   # <cache>/base/v1/qwen2_5_vl-toy, a full
+                                                                   # HF checkpoint folder
 
-Building it = `init_checkpoint` (random weights + the world tokenizer/processor), then `training.run`
-runs with recipe `full`, each starting from the previous one's checkpoint (PRETRAIN_PLAN):
+Building it = `init_checkpoint` (random weights + the world tokenizer/processor), then `train` (the loop's
+`training.run.run`, passed in by its caller: the world sits below the loop) runs with recipe `full`, each
+starting from the previous one's checkpoint (PRETRAIN_PLAN):
 
     toy:  world-pretrain-warmup.yaml over tasks/pretrain_warmup (lone objects: "what shape?"), then
           world-pretrain.yaml over tasks/pretrain (captions + held-out train splits, never a target)
@@ -25,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -39,6 +42,8 @@ BASE_JSON = "world_base.json"
 # (config in training/configs, task) per phase
 PRETRAIN_PLAN = {"toy": [("world-pretrain-warmup", "pretrain_warmup"), ("world-pretrain", "pretrain")],
                  "tiny": [("world-pretrain-tiny", "pretrain")]}
+# training.run.run: (config, config name) -> the run directory
+Train = Callable[[dict, str], Path]
 
 
 def base_dir(family: str, size: str) -> Path:
@@ -62,11 +67,11 @@ def is_built(path: str | os.PathLike, fingerprint: str | None = None) -> bool:
     return fingerprint is None or json.loads((Path(path) / BASE_JSON).read_text()).get("plan") == fingerprint
 
 
-def pretrain(family: str, size: str, out: str | os.PathLike, *, world: str | os.PathLike | None = None,
-             overrides: list[str] = (), quick_check: bool = True) -> Path:
-    """Pretrain a base model from scratch into `out` (atomically) through `training.run`; returns `out`."""
+def pretrain(family: str, size: str, out: str | os.PathLike, train: Train, *,
+             world: str | os.PathLike | None = None, overrides: list[str] = (), quick_check: bool = True) -> Path:
+    """Pretrain a base model from scratch into `out` (atomically) through `train` (training.run.run); returns
+    `out`."""
     from ..config import load_config
-    from ..run import run
 
     model_size(size)
     world = Path(world or ensure_world(size=WORLD_OF_SIZE[size]))
@@ -83,7 +88,7 @@ def pretrain(family: str, size: str, out: str | os.PathLike, *, world: str | os.
                      if task != "pretrain" else [])
             cfg = load_config(config, [f"base={ckpt}", f"data.root={world}", f"tasks=[{task}]",
                                        f"out={work / f'run{i}'}", *files, *overrides])
-            run_dir = run(cfg, config)
+            run_dir = train(cfg, config)
             manifest = json.loads((run_dir / "run.json").read_text())
             ckpt = run_dir / manifest["stages"][-1]["path"]
             phases.append({"config": config, "task": task, "train": cfg["train"],
@@ -139,9 +144,10 @@ def heldout_report(checkpoint: str | os.PathLike, world: str | os.PathLike, limi
     return rep
 
 
-def base_checkpoint(family: str = "qwen2_5_vl", size: str = "toy") -> Path:
-    """The pretrained base model of the embedded world, built on first use and cached (never committed);
-    rebuilt when its pretraining plan (configs, model size, world version) changed since it was built."""
+def base_checkpoint(family: str = "qwen2_5_vl", size: str = "toy", *, train: Train) -> Path:
+    """The pretrained base model of the embedded world, built on first use through `train`
+    (training.run.run) and cached (never committed); rebuilt when its pretraining plan (configs, model
+    size, world version) changed since it was built."""
     model_size(size)
     get_family(family)  # both names checked before minutes of building
     path, plan = base_dir(family, size), plan_fingerprint(family, size)
@@ -150,7 +156,7 @@ def base_checkpoint(family: str = "qwen2_5_vl", size: str = "toy") -> Path:
     why = "its pretraining plan changed" if is_built(path) else "once"
     print(f"[training.world] building the {family} {size} base model into {path} ({why})", file=sys.stderr)
     try:
-        return pretrain(family, size, path)
+        return pretrain(family, size, path, train)
     except OSError:
         if is_built(path, plan):  # another process renamed its copy into place first
             return path
