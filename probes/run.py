@@ -150,8 +150,10 @@ def probe_checkpoint(ck, processor, args, caps, modes, opts: LoadOptions, set_id
     model, processor = load(ck.path, opts, processor=processor)
     try:
         if args.profile == "study":
-            return {"generate": study.probe_values(model, processor, caps.samples, set_ids["number_study"], args,
-                                                   rank, world)}
+            mine = list(range(rank, len(caps.samples), world))
+            return {"generate": study.probe_values(model, processor, caps.samples, set_ids["number_study"], mine,
+                                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                                   progress=rank == 0)}
         eng = Engine(model, processor, set_ids=set_ids, encode_cache=cache, vision_cache=vision_cache,
                      workers=getattr(args, "workers", None), compile=getattr(args, "compile", False))
         out = {}

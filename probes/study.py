@@ -138,11 +138,10 @@ def configure(ap, args) -> None:
     args.mode, args.token_sets = "generate", "number_study"
 
 
-def probe_values(model, processor, samples: Sequence[Sample], set_ids: Sequence[int], args, rank: int,
-                 world: int) -> dict[int, dict]:
-    """This rank's share, {sample index: the seven statistics + n_positions}; samples are independent, so
-    any split over ranks gives the same values."""
-    mine = list(range(rank, len(samples), world))
-    per = study_statistics(model, processor, [samples[i] for i in mine], set_ids, batch_size=args.batch_size,
-                           max_new_tokens=args.max_new_tokens, progress=rank == 0)
+def probe_values(model, processor, samples: Sequence[Sample], set_ids: Sequence[int], mine: Sequence[int], *,
+                 batch_size: int, max_new_tokens: int, progress: bool = False) -> dict[int, dict]:
+    """{sample index: the seven statistics + n_positions} for the samples `mine` (this process's share);
+    samples are independent, so any split over processes gives the same values."""
+    per = study_statistics(model, processor, [samples[i] for i in mine], set_ids, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, progress=progress)
     return {i: v | {"n_positions": v["num_generation_steps"]} for i, v in zip(mine, per)}
