@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo lint lock clean
+.PHONY: setup test demo lint lock clean gpu-check
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,12 @@ test: setup
 
 demo: setup
 	$(PY) scripts/demo.py
+
+# On a lent GPU: its own python3 (no venv, no network), 8 minutes; QUICK=1: the same flow on this CPU.
+# RESULTS=DIR and BUDGET=SECONDS pass --out and --budget (scripts/gpu_check.py --help).
+gpu-check: $(if $(QUICK),setup)
+	$(if $(QUICK),$(PY),$(if $(wildcard $(PY)),$(PY),python3)) scripts/gpu_check.py $(if $(QUICK),--quick) \
+		$(if $(RESULTS),--out $(RESULTS)) $(if $(BUDGET),--budget $(BUDGET))
 
 lock:
 	bash scripts/lock.sh

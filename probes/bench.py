@@ -3,6 +3,7 @@
     python -m probes.bench --quick                          # CPU, tiny model, well under a minute
     python -m probes.bench --shape qwen2_5_vl_7b            # GPU: random weights, real 7-8B dimensions
     python -m probes.bench --ckpt /ckpts/Qwen2.5-VL-7B-Instruct
+    python -m probes.bench --quick --json bench.json      # the same figures, also as JSON
 
 (1) the study's probe: per sample, HF `generate` with `output_scores=True`, full softmax, batch 1;
 (2) a naive per-sample teacher-forced forward with a full-vocabulary softmax at every position;
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import math
 import os
 import platform
 import random
@@ -75,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: by device name)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-cache", action="store_true", help="skip the two-checkpoint cache measurement")
+    ap.add_argument("--json", metavar="PATH", help="also write every figure printed to PATH as JSON")
     args = ap.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
@@ -428,17 +432,65 @@ def main(argv=None) -> int:
               f"generation engine vs study: {sum(same)}/{len(same)} identical token sequences, max |diff| "
               f"number_mass {d_gen:.1e}")
 
-        if not args.skip_cache:
-            cache_line(model, processor, family, samples, B, kw, args.device)
+        cache = None if args.skip_cache else cache_line(model, processor, family, samples, B, kw, args.device)
     counter.close()
     print(f"speedup teacher-forced engine vs naive per-sample: {tf.rate / naive.rate:.1f}x")
     print(f"speedup teacher-forced engine vs study probe: {tf.rate / study.rate:.1f}x")
     print(f"speedup generation engine vs study probe: {gen.rate / study.rate:.1f}x")
+    if args.json:
+        agreement = dict(tf_vs_naive_number_mass=d_mass, tf_vs_naive_entropy=d_ent, gen_identical=sum(same),
+                         gen_compared=len(same), gen_vs_study_number_mass=d_gen)
+        header = dict(what=what, n_params=n_params, n_lm=counter.n_lm, n_head=counter.n_head, n_vis=counter.n_vis,
+                      n_proj=counter.n_proj, vocab=counter.n_head // counter.hidden, device_name=dev_name,
+                      dtype=str(model.dtype).removeprefix("torch."), load=load,
+                      argv=list(argv) if argv is not None else sys.argv[1:])
+        write_json(args.json, json_report(args, header, results, peak, agreement, cache))
     return 0
 
 
-def cache_line(model, processor, family, samples, batch_size, kw, device) -> None:
-    """Two checkpoints of an LM-only recipe sharing the encode and vision caches, teacher-forced."""
+METHOD_KEYS = ("study", "naive", "tf_engine", "gen_engine")
+
+
+def json_report(args, header: dict, results: list[Result], peak: float | None, agreement: dict,
+                cache: dict | None) -> dict:
+    """Everything the bench printed, as one JSON-ready dict (rates in pairs/s, memory in bytes)."""
+    import transformers
+
+    methods = {}
+    for key, r in zip(METHOD_KEYS, results):
+        rate = r.flops / r.seconds
+        methods[key] = dict(name=r.name, captions=r.n, seconds=r.seconds, pairs_per_s=r.rate, flops=r.flops,
+                            flops_per_s=rate, mfu=rate / peak if peak else None, peak_mem_bytes=r.peak_total,
+                            peak_extra_bytes=r.peak_extra)
+    study, naive, tf, gen = results
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), host=platform.node(),
+        shape=args.shape, ckpt=args.ckpt, family=None if (args.shape or args.ckpt) else args.family,
+        device=args.device, torch=torch.__version__, transformers=transformers.__version__,
+        peak_tflops=peak / 1e12 if peak else None, captions=args.num_captions, study_captions=args.study_captions,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, compile=args.compile, attn=args.attn,
+        workers=args.workers, prefetch=args.prefetch, **header, methods=methods, agreement=agreement, cache=cache,
+        ratios=dict(tf_vs_naive=tf.rate / naive.rate, tf_vs_study=tf.rate / study.rate,
+                    gen_vs_study=gen.rate / study.rate))
+
+
+def write_json(path: str, report: dict) -> None:
+    """Strict JSON: NaN and infinities (a figure that could not be measured) become null."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(clean(report), indent=1, allow_nan=False) + "\n")
+
+
+def cache_line(model, processor, family, samples, batch_size, kw, device) -> dict:
+    """Two checkpoints of an LM-only recipe sharing the encode and vision caches, teacher-forced; prints the
+    line and returns its figures."""
     enc, vis = EncodeCache(), VisionCache()
 
     def probe(cached: bool):
@@ -464,6 +516,8 @@ def cache_line(model, processor, family, samples, batch_size, kw, device) -> Non
     print(f"cache: first checkpoint {t1:.3f} s, second (LM-only change, {reuse} image features and "
           f"{len(enc.store)} encodings reused) {t2:.3f} s = {t2 / t1:.2f} of the first (goal <= 0.60); "
           f"cached vs uncached max |diff| {diff:.1e}")
+    return dict(first_s=t1, second_s=t2, ratio=t2 / t1, image_features_reused=reuse, encodings_reused=len(enc.store),
+                cached_vs_uncached_max_diff=diff)
 
 
 if __name__ == "__main__":

@@ -149,6 +149,45 @@ def test_step_matches_a_slow_reference_and_ignores_micro_batching(tmp_path, tiny
             torch.testing.assert_close(got[n], want[n], atol=2e-7, rtol=1e-3, msg=f"{n} (batch {bs} x {ga})")
 
 
+def test_hooks_see_the_stage_and_can_end_it_and_the_schema_fills_the_settings(tmp_path, tiny_models):
+    """A partial `train` dict gets the schema's defaults; every hook sees the start, each step but the last
+    and the end (whose record goes to the log); a hook's True ends the stage after that step."""
+    import copy
+
+    from training.data import Collator, ConversationDataset
+    from training.loop import StageHooks
+
+    class Recorder(StageHooks):
+        def __init__(self, stop_at=None):
+            self.calls, self.stop_at = [], stop_at
+
+        def on_stage_start(self, stage, model):
+            self.calls.append(("start", stage, model.training))
+
+        def on_step(self, step, model, optimizer, scheduler):
+            self.calls.append(("step", step))
+            return step == self.stop_at
+
+        def on_stage_end(self, steps, model):
+            self.calls.append(("end", steps))
+            return {"event": "recorded", "steps": steps}
+
+    base, processor = tiny_models("qwen2_5_vl")
+    root = write_llava_root(tmp_path, n=4, tasks=["cub200"], multi_turn_task=None)
+    ds = ConversationDataset(task_records(root, "cub200", 4), processor, root / "images")
+    collate = Collator(FAMILIES["qwen2_5_vl"], processor.tokenizer.pad_token_id)
+    cfg = {"max_steps": 3, "batch_size": 2, "progress": False}        # everything else: the schema's defaults
+    for stop_at, steps in [(None, 3), (1, 1)]:
+        hooks, log = [Recorder(stop_at), Recorder()], []
+        result = train_stage(copy.deepcopy(base), ds, collate, cfg, recipe="mlp", seed=0, stage=1, hooks=hooks,
+                             log=log.append, accelerator=make_accelerator(cfg, cpu=True))
+        assert result.steps == steps
+        want = [("start", 1, True)] + [("step", s) for s in range(1, min(steps + 1, 3))] + [("end", steps)]
+        assert hooks[0].calls == hooks[1].calls == want
+        assert [r for r in log if r.get("event") == "recorded"] == [{"event": "recorded", "steps": steps}] * 2
+        assert [r["step"] for r in log if "loss" in r] == list(range(1, steps + 1))
+
+
 def test_loss_falls_within_a_stage(tmp_path, tiny_checkpoints):
     """A planted task (the colour of the image names the answer): the loss must fall well below its start."""
     root = write_llava_root(tmp_path / "d", n=32, tasks=["cub200"], multi_turn_task=None)

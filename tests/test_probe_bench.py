@@ -1,4 +1,5 @@
 """`python -m probes.bench`: the smoke run prints the ratios last; the 7-8B shapes build without weights."""
+import json
 import re
 import subprocess
 import sys
@@ -18,11 +19,11 @@ RATIO_LINES = [r"speedup teacher-forced engine vs naive per-sample: \d+\.\dx",
                r"speedup generation engine vs study probe: \d+\.\dx"]
 
 
-def test_quick_bench_runs_and_ends_with_the_three_ratios(capsys):
+def test_quick_bench_runs_and_ends_with_the_three_ratios(capsys, tmp_path):
     threads = torch.get_num_threads()
     try:
         rc = main(["--quick", "--num-captions", "6", "--study-captions", "3", "--max-new-tokens", "3",
-                   "--batch-size", "4"])
+                   "--batch-size", "4", "--json", str(tmp_path / "bench.json")])
     finally:
         torch.set_num_threads(threads)
     lines = capsys.readouterr().out.strip().splitlines()
@@ -35,6 +36,12 @@ def test_quick_bench_runs_and_ends_with_the_three_ratios(capsys):
     assert "3/3 identical token sequences" in agreement          # the engines compute what the baselines do
     cache = next(ln for ln in lines if ln.startswith("cache:"))
     assert "6 image features and 6 encodings reused" in cache and "max |diff| 0.0e+00" in cache
+    doc = json.loads((tmp_path / "bench.json").read_text())          # the same figures, as JSON
+    assert list(doc["methods"]) == ["study", "naive", "tf_engine", "gen_engine"]
+    assert doc["methods"]["tf_engine"]["captions"] == 6 and doc["methods"]["study"]["captions"] == 3
+    assert f"{doc['ratios']['gen_vs_study']:.1f}x" in lines[-1]
+    assert doc["agreement"]["gen_identical"] == 3 and doc["cache"]["image_features_reused"] == 6
+    assert doc["methods"]["tf_engine"]["mfu"] is None and doc["device"] == "cpu"     # MFU: GPUs only
 
 
 def test_a_shape_on_a_machine_without_gpu_is_refused_clearly():

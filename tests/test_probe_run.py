@@ -254,3 +254,20 @@ def test_missing_stage_folder_and_unreadable_table(tmp_path, stage_models, capsy
     assert main(["--ckpt-dir", str(run)]) == 2
     assert f"{run / 'probes.parquet'}: cannot read the existing probe table" in capsys.readouterr().err
     assert (run / "probes.parquet").read_bytes() == b"not a parquet file"
+
+
+def test_the_loading_flags_make_one_frozen_load_options():
+    import argparse
+    import dataclasses
+
+    from probes.cli import add_loading_arguments, load_options
+    from training.checkpoints import LoadOptions
+
+    ap = argparse.ArgumentParser()
+    add_loading_arguments(ap)
+    opts = load_options(ap.parse_args(["--device", "cpu", "--attn", "eager", "--allow-pickle"]))
+    assert opts == LoadOptions(dtype=torch.float32, device="cpu", attn="eager", allow_pickle=True)
+    assert load_options(ap.parse_args(["--device", "cuda:1", "--trust-remote-code"])) == LoadOptions(
+        dtype=torch.bfloat16, device="cuda:1", attn="sdpa", trust_remote_code=True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.device = "cuda"

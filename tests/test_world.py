@@ -10,20 +10,9 @@ import pytest
 from PIL import Image
 
 from training.tokenizer import NUMBER_WORDS
-from training.world import (
-    HELDOUT_TASKS,
-    TARGET_TASKS,
-    TRANSFER_TASKS,
-    draw,
-    ensure_world,
-    load_world,
-    read_records,
-    scenes,
-    tasks,
-    write_world,
-)
-from training.world.build import VERSION
-from training.world.registry import SCORERS, TASKS
+from training.world import draw, scenes, tasks
+from training.world.build import VERSION, ensure_world, load_world, read_records, write_world
+from training.world.registry import HELDOUT_TASKS, SCORERS, TARGET_TASKS, TASKS, TRANSFER_TASKS
 
 from .conftest import FAMILY_NAMES
 
@@ -235,7 +224,7 @@ def test_ensure_world_refuses_an_incomplete_folder(tmp_path):
 def tiny_base(tmp_path_factory):
     """base_checkpoint('qwen2_5_vl', 'tiny') built in a private cache (world + pretraining through the loop)."""
     from training.run import run
-    from training.world import base_checkpoint
+    from training.world.base import base_checkpoint
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LMM_DRIFT_CACHE", str(tmp_path_factory.mktemp("cache")))
         path = base_checkpoint("qwen2_5_vl", "tiny", train=run)
@@ -280,7 +269,7 @@ def test_init_checkpoint_of_the_llava_families_loads_with_auto_classes(family, w
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from training.chat import encode
-    from training.world import init_checkpoint
+    from training.world.models import init_checkpoint
     path = init_checkpoint(family, "tiny", tmp_path / "init", world=world)
     model = AutoModelForImageTextToText.from_pretrained(path)
     processor = AutoProcessor.from_pretrained(path)

@@ -60,7 +60,7 @@ def resolve_root(data_cfg: dict) -> DataRoot:
     if root is None:
         return DataRoot(None, None)
     if root == "world" or root.startswith("world:"):
-        from .world import ensure_world  # imported lazily: building the world is heavy and optional
+        from .world.build import ensure_world  # imported lazily: building the world is heavy and optional
         size = root.partition(":")[2]
         root = ensure_world(size=size) if size else ensure_world()
     root = Path(root)

@@ -22,7 +22,7 @@ Drift budget (off unless `monitor.budget` is set): when |P - P_ref| > budget for
 `monitor.lr_factor` and goes on (checked again at the next check).
 
 Built by training.run before stage 0 is written (what can be checked is checked then); the probe and stage
-0's values are made at the first check. Checks run inside training.loop.train_stage (hooks: start after
+0's values are made at the first check. Checks run inside training.loop.train_stage (its StageHooks: start after
 accelerator.prepare, after every optimizer step, end), so a stage's `seconds` include them.
 
 The monitor never changes the training: its forward runs in eval mode under inference_mode with a forked
@@ -41,6 +41,7 @@ import pandas as pd
 
 from .checkpoints import LoadOptions, load_model
 from .config import ConfigError
+from .loop import StageHooks
 
 MONITOR_FILE = "monitor.parquet"
 COLUMNS = ["run", "stage", "stage_name", "task", "step", "probe", "value", "std", "n_samples", "n_positions",
@@ -87,7 +88,7 @@ def build_probe(m: dict, captions: dict | None, processor, stage0: Path, task_fi
     return probe, values, seconds, every_caption.name, subset_hash(samples)
 
 
-class DriftMonitor:
+class DriftMonitor(StageHooks):
     """Built by `create`; its probe (and stage 0's values) are made at the first check, when stage 0 exists."""
 
     def __init__(self, cfg: dict, out: Path, captions: dict | None, processor, stages: list[dict], tasks: list,
@@ -141,7 +142,7 @@ class DriftMonitor:
             raise
 
     # -- the stage -----------------------------------------------------------------------------------
-    def start_stage(self, index: int, model) -> None:
+    def on_stage_start(self, index: int, model) -> None:
         """Check the model stage `index` starts from (step 0); rows an interrupted run left for this stage or
         later ones are dropped first."""
         if self.probe is None:
@@ -161,7 +162,7 @@ class DriftMonitor:
                   event)
         return values
 
-    def after_step(self, step: int, model, optimizer, scheduler) -> bool:
+    def on_step(self, step: int, model, optimizer, scheduler) -> bool:
         """Called after every optimizer step; True when the stage must stop (drift budget exceeded)."""
         if step % int(self.cfg["every"]):
             return False
@@ -193,11 +194,11 @@ class DriftMonitor:
                 r["event"], r["lr_scale"] = event, self.lr_scale
         self._write()
 
-    def end_stage(self, steps: int, model) -> dict:
-        """Check the stage's last step (unless just checked); returns what the stage_end log line records."""
+    def on_stage_end(self, steps: int, model) -> dict:
+        """Check the stage's last step (unless just checked); returns the stage's train_log.jsonl record."""
         if self.last_step != steps:
             self._check(steps, model, "")
-        return {"monitor_checks": self.checks, "monitor_seconds_per_check": round(self.seconds / max(self.checks, 1), 5),
+        return {"event": "monitor", "monitor_checks": self.checks, "monitor_seconds_per_check": round(self.seconds / max(self.checks, 1), 5),
                 "monitor_stopped_at": steps if self.stopped else None, "monitor_lr_scale": self.lr_scale}
 
 

@@ -70,7 +70,7 @@ def resolve_base(base: str | None) -> Path:
         parts = base.split(":")
         if len(parts) != 3:
             raise RunError(f"base {base!r}: expected world:FAMILY:SIZE, e.g. world:qwen2_5_vl:toy")
-        from .world import base_checkpoint  # lazy: the world is heavy and optional
+        from .world.base import base_checkpoint  # lazy: the world is heavy and optional
         return Path(base_checkpoint(parts[1], parts[2], train=run))   # pretrained by this loop
     path = Path(base)
     if not checkpoints.is_checkpoint(path):
@@ -245,11 +245,11 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
         dataset, mixed = stage_dataset(task, plan.mix_pool(k), processor, share=cfg["mix"]["share"], seed=cfg["seed"],
                                        stage=k, max_examples=cfg["data"]["max_examples"])
         method.begin_stage(model, ctx)
-        result = train_stage(model, dataset, Collator(plan.family, pad_id), train_cfg, recipe=method.recipe,
-                             seed=cfg["seed"], stage=k, accelerator=accelerator,
+        result = train_stage(model, dataset, Collator(plan.family, pad_id), train_cfg, seed=cfg["seed"], stage=k,
+                             method=method, hooks=[monitor] if monitor else [], accelerator=accelerator,
                              num_workers=cfg["data"]["num_workers"],
                              log=lambda r, k=k, t=task.name, w=log.write: w({"stage": k, "task": t, **r}),
-                             desc=f"stage {k}/{len(plan.tasks)} {task.name}", method=method, monitor=monitor)
+                             desc=f"stage {k}/{len(plan.tasks)} {task.name}")
         state = full_state_dict(accelerator, result.model)
         if main:
             method.finish(accelerator.unwrap_model(result.model), ctx, result.trainable, state)

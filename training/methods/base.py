@@ -3,10 +3,13 @@
 The loop (training.run + training.loop.train_stage) calls these hooks, in this order, for stage k:
 
     model = method.load(prev_stage_folder, opts)  # the model stage k starts from
-    method.begin_stage(model, ctx)              # e.g. LwF's frozen teacher, WiSE-FT's copy of theta_prev
-    model, applied = method.select(model)       # inside train_stage, after seeding: what trains
-    loss = CE + method.extra_loss(...)          # per micro-batch (LwF's distillation term), or CE alone
-    method.finish(model, ctx, trainable, state) # write the stage folder (and any variant folder)
+    method.begin_stage(model, ctx)                # e.g. LwF's frozen teacher, WiSE-FT's copy of theta_prev
+    model, applied = method.select(model)         # inside train_stage, after seeding: what trains
+    method.on_stage_start / on_step / on_stage_end  # inside train_stage (training.loop.StageHooks), as the
+                                                  # drift monitor's
+    loss = CE + method.extra_loss(...)            # per micro-batch (LwF's distillation term), or CE alone
+    method.finish(model, ctx, trainable, state)   # write the stage folder (and any variant folder)
+    method.end_stage()                            # drop what begin_stage kept
 
 A method is one small module in training/methods/ that overrides only what it needs.
 """
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import checkpoints
+from ..loop import StageHooks
 from ..recipes import AppliedRecipe, apply_recipe, plan
 
 
@@ -54,8 +58,9 @@ def save_model(model: nn.Module, ctx: StageContext, path: Path, trainable: list[
         checkpoints.save_full(model, ctx.processor, path, state_dict=state, extra=extra)
 
 
-class Method:
-    """Plain fine-tuning of the recipe's tensors with cross-entropy."""
+class Method(StageHooks):
+    """Plain fine-tuning of the recipe's tensors with cross-entropy. The loop also calls the StageHooks
+    (training.loop) of a method, as of the drift monitor: all no-ops here."""
     name: str | None = None
     default_recipe = "full"
     variants: tuple[str, ...] = ()   # sibling run directories a method may write (RUN/VARIANT/)
