@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from training.chat import collate, encode
 from training.families import family_of_model
 
-from .captions import Sample
 from .batching import estimate_lengths
+from .captions import Sample
 
 # The script's statistic names, in its order.
 STATISTICS = ("avg_max_number_logit", "max_number_logit", "avg_total_number_prob", "max_total_number_prob",
