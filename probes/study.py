@@ -126,12 +126,12 @@ def study_statistics(model, processor, samples: Sequence[Sample], set_ids: Seque
 
 
 # -- `python -m probes.run --profile study` ----------------------------------------------------------
-def configure(ap, args) -> None:
-    """The study profile's settings on probes.run's parsed arguments; options that would change its
-    definition are refused rather than silently ignored."""
+def configure(ap, args, extras) -> None:
+    """The study profile's settings on probes.run's parsed arguments (`extras`: its drift options); options
+    that would change its definition are refused rather than silently ignored."""
     clash = [opt for opt, bad in (("--mode", args.mode not in (None, "generate")), ("--token-sets", args.token_sets),
-                                  ("--sample random", args.sample != "first"), ("--drift", args.drift),
-                                  ("--signatures", args.signatures)) if bad]
+                                  ("--sample random", args.sample != "first"), ("--drift", extras.drift),
+                                  ("--signatures", extras.signatures)) if bad]
     if clash:
         ap.error(f"--profile study is the study script's definition (generation, number_study, first N records); "
                  f"it does not take {', '.join(clash)}")

@@ -153,3 +153,43 @@ def test_monitor_errors_name_the_key(tmp_path, setup, capsys):
     assert run_mod.main(["--config", "toy-tiny", f"base={base}", f"data.root={bare}", "tasks=[pixmocount]",
                          "train.max_steps=1", "monitor.every=1", "--out", str(tmp_path / "b")]) == 2
     assert "no caption set" in capsys.readouterr().err
+
+
+def test_monitor_settings_defaults_are_the_configs():
+    from probes.monitor import MonitorSettings
+    from training.config import defaults
+
+    assert MonitorSettings() == MonitorSettings.of(defaults()["monitor"])
+
+
+class _ScriptedProbe:
+    """A probe that returns given number_mass values: the controller needs nothing of probes."""
+    probe_names, dataset, dataset_hash = ["number_mass"], "caps", "h"
+
+    def __init__(self, base, values):
+        self.base, self.values = base, iter(values)
+
+    @staticmethod
+    def _values(v):
+        return {"number_mass": {"mean": v, "std": 0.0, "n_samples": 1, "n_positions": 3}}
+
+    def reference(self):
+        return self._values(self.base), 0.5
+
+    def __call__(self, model):
+        return self._values(next(self.values)), 0.25
+
+
+def test_the_budget_controller_takes_any_probe(tmp_path):
+    m = {"every": 2, "probe": "number_mass", "budget": 0.2, "reference": "base", "on_budget": "stop", "lr_factor": 0.5}
+    stages = [{"index": 0, "name": "base", "task": None, "path": "stage-00-base"},
+              {"index": 1, "name": "t", "task": "t", "path": "stage-01-t"}]
+    mon = monitor_mod.DriftMonitor({"monitor": m}, tmp_path, stages, _ScriptedProbe(0.1, [0.1, 0.2, 0.35]))
+    mon.on_stage_start(1, model=None)
+    assert not mon.on_step(1, None, None, None) and not mon.on_step(2, None, None, None)
+    assert mon.on_step(4, None, None, None)                     # |0.35 - 0.1| > 0.2: stop
+    assert mon.on_stage_end(4, None)["monitor_stopped_at"] == 4
+    df = pd.read_parquet(tmp_path / monitor_mod.MONITOR_FILE)
+    assert df[["stage", "step", "value", "event"]].values.tolist() == [
+        [0, 0, 0.1, ""], [1, 0, 0.1, ""], [1, 2, 0.2, ""], [1, 4, 0.35, "budget_stop"]]
+    assert set(df["dataset"]) == {"caps"} and list(df.columns) == monitor_mod.COLUMNS

@@ -290,3 +290,11 @@ def test_study_profile_refuses_options_that_change_its_definition(option, tmp_pa
     with pytest.raises(SystemExit) as e:
         run_main(["--ckpt-dir", str(tmp_path), "--profile", "study", *option])
     assert e.value.code == 2 and "--profile study" in capsys.readouterr().err
+
+
+def test_study_profile_loads_fp16_on_a_gpu_and_fp32_on_a_cpu():
+    from probes.run import RunOptions
+
+    assert RunOptions(ckpt_dir="x", device="cuda", profile="study").load.dtype == torch.float16   # as the study ran
+    assert RunOptions(ckpt_dir="x", device="cuda").load.dtype == torch.bfloat16                  # default unchanged
+    assert RunOptions(ckpt_dir="x", device="cpu", profile="study").load.dtype == torch.float32

@@ -28,6 +28,7 @@ import re
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -190,10 +191,19 @@ class TrainLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def monitor_probe(cfg: dict, plan: Plan, out: Path, captions: dict, processor, opts: checkpoints.LoadOptions):
+    """The drift monitor's probe (probes.monitor), of the run's caption set and tasks against stage 0."""
+    from probes.monitor import MonitorProbe, MonitorSettings
+
+    return MonitorProbe(MonitorSettings.of(cfg["monitor"]), captions, processor, out / plan.stages[0]["path"],
+                        {t.name: t.train for t in plan.tasks}, opts)
+
+
 def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
     """Run (or resume) the whole sequence; returns the run directory. The base is read from safetensors, with
     no code of its own, unless `allow_pickle` (torch.load with weights_only) / `trust_remote_code`."""
     from .loop import full_state_dict, make_accelerator, train_stage
+    from .monitor import create as create_monitor
 
     accelerator = make_accelerator(cfg["train"])
     with accelerator.main_process_first():  # rank 0 builds the world / base model if needed, the others reuse it
@@ -220,8 +230,8 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         raise RunError(f"{plan.base}: the tokenizer has no pad token")
-    from .monitor import create as create_monitor
-    monitor = create_monitor(cfg, plan, out, processor, accelerator, opts)   # monitor.every; built at its first check
+    monitor = create_monitor(cfg, plan, out, accelerator, lambda captions: monitor_probe(  # monitor.every
+        cfg, plan, out, captions, processor, replace(opts, device=accelerator.device)))
 
     if done == 0:
         stage0 = out / plan.stages[0]["path"]
