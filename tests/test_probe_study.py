@@ -16,9 +16,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from probes import table
 from probes.captions import load_captions
 from probes.run import main as run_main
+from probes.schemas import PROBES
 from probes.study import STATISTICS, batching_is_exact, study_statistics
 from probes.tokensets import is_number_token, token_set
 from training.chat import collate, encode
@@ -270,7 +270,7 @@ def test_probes_run_study_profile(name, tiny_checkpoints, tiny_models, tmp_path)
                      "--profile", "study",
                      "--max-new-tokens", "6", "--batch-size", "3", "--out", str(out)]) == 0
     df = pd.read_parquet(out)
-    assert list(df.columns) == table.COLUMNS
+    assert list(df.columns) == list(PROBES.columns)
     assert sorted(df["probe"]) == sorted(STATISTICS) and set(df["mode"]) == {"generate"}
     model, processor = tiny_models(name)        # the same weights as the saved checkpoint
     caps = load_captions(caps_path, tmp_path / "imgs")
