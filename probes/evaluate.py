@@ -178,12 +178,6 @@ def save_predictions(root: Path, ck, d: B.BenchmarkData, predictions: dict[int, 
     return path
 
 
-def items_path(out: Path) -> Path:
-    """RUN/items.parquet beside RUN/evals.parquet; beside another table T.parquet, T.items.parquet."""
-    out = Path(out)
-    return out.with_name("items.parquet" if out.name == "evals.parquet" else f"{out.stem}.items.parquet")
-
-
 def item_rows(run: RunDir, ck, d: B.BenchmarkData, predictions: dict[int, str], per_item: list) -> list[dict]:
     """One row per item: item_id = the record's id (a preset's: the row number), '#turn' after the first
     turn; where those repeat (ids need not be unique in LLaVA files), the item's position instead."""
@@ -290,7 +284,7 @@ class Evaluate(Command):
         for s in shares:
             preds.update(s)
         score, per_item = score_predictions(d, preds)
-        table.append_items(items_path(self.out), item_rows(self.run, ck, d, preds, per_item))
+        table.append_items(table.items_path(self.out), item_rows(self.run, ck, d, preds, per_item))
         if self.opts.save_predictions:
             save_predictions(self.run.root, ck, d, preds, per_item)
         return [row_for(self.run, ck, d, score)]
