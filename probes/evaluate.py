@@ -120,8 +120,10 @@ def load_benchmarks(opts: EvaluateOptions, run: RunDir) -> list[B.BenchmarkData]
     tasks = B.run_tasks(run.manifest)
     out = []
     presets, profile = run_presets(opts, run.manifest)
-    only_presets = opts.preset and not (opts.benchmarks or local)   # then run.json's benchmarks are not added
-    for b in [] if only_presets else B.resolve(opts.benchmarks, _without(run.manifest, presets), local):
+    rest = _without(run.manifest, presets)
+    # --preset alone: run.json's benchmarks are not added; config presets covering all of them: none are left
+    only_presets = presets and not (opts.benchmarks or local) and (opts.preset or not rest.get("benchmarks"))
+    for b in [] if only_presets else B.resolve(opts.benchmarks, rest, local):
         b = replace(b, split=B.split_of(b, tasks),
                     max_new_tokens=opts.max_new_tokens or b.max_new_tokens or B.DEFAULT_MAX_NEW_TOKENS)
         out.append(B.load(b, opts.limit, strict=opts.strict))
