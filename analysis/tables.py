@@ -16,6 +16,11 @@ EVAL_COLUMNS = ("run", "stage", "stage_name", "task", "recipe", "checkpoint", "b
                 "metric", "score", "n")
 PROBE_COLUMNS = ("run", "stage", "stage_name", "task", "recipe", "checkpoint", "probe", "mode", "mean",
                  "std", "ci_low", "ci_high", "n_samples", "n_positions", "dataset", "dataset_hash")
+# DIR/advice.parquet of training.advise: one row per candidate (docs/advise.md)
+ADVICE_COLUMNS = ["candidate", "steps", "learning_proxy", "kl_to_base", "number_mass_shift",
+                  "predicted_heldout_change", "ci_low", "ci_high", "seconds", "rank", "eligible", "pareto", "recipe",
+                  "task", "loss_before", "loss_after", "signature_mass_shift", "kl_to_base_slope",
+                  "number_mass_slope", "forecaster", "trial_dir"]
 SPLITS = ("target", "heldout")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

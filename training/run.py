@@ -28,6 +28,7 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from .data import (
 )
 from .domains import run_domains
 from .families import CheckpointError
+from .loop import StageHooks
 from .methods import StageContext
 from .methods import build as build_method
 from .methods import label as recipe_label
@@ -199,9 +201,11 @@ def monitor_probe(cfg: dict, plan: Plan, out: Path, captions: dict, processor, o
                         {t.name: t.train for t in plan.tasks}, opts)
 
 
-def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
+def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trust_remote_code: bool = False,
+        hooks: Sequence[StageHooks] = ()) -> Path:
     """Run (or resume) the whole sequence; returns the run directory. The base is read from safetensors, with
-    no code of its own, unless `allow_pickle` (torch.load with weights_only) / `trust_remote_code`."""
+    no code of its own, unless `allow_pickle` (torch.load with weights_only) / `trust_remote_code`. `hooks`
+    see every stage after the drift monitor (training.advise stops its short trials with one)."""
     from .loop import full_state_dict, make_accelerator, train_stage
     from .monitor import create as create_monitor
 
@@ -256,7 +260,7 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
                                        stage=k, max_examples=cfg["data"]["max_examples"])
         method.begin_stage(model, ctx)
         result = train_stage(model, dataset, Collator(plan.family, pad_id), train_cfg, seed=cfg["seed"], stage=k,
-                             method=method, hooks=[monitor] if monitor else [], accelerator=accelerator,
+                             method=method, hooks=([monitor] if monitor else []) + list(hooks), accelerator=accelerator,
                              num_workers=cfg["data"]["num_workers"],
                              log=lambda r, k=k, t=task.name, w=log.write: w({"stage": k, "task": t, **r}),
                              desc=f"stage {k}/{len(plan.tasks)} {task.name}")
