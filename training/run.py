@@ -53,11 +53,12 @@ from .methods import build as build_method
 from .methods import label as recipe_label
 from .mixing import PREVIOUS, pool_names, stage_dataset
 from .recipes import RecipeError, model_skeleton, resolve_spec
+from .trackers import Curves, steps_before
 
 RUN_JSON = "run.json"
 TRAIN_LOG = "train_log.jsonl"
 # Keys that do not change the weights a run produces: a resumed run may change them.
-COSMETIC = ("out", "train.progress", "train.log_every", "data.num_workers")
+COSMETIC = ("out", "train.progress", "train.log_every", "train.log_with", "data.num_workers")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -104,6 +105,11 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def run_dir(cfg: dict, config_name: str) -> Path:
+    """The run directory: `out`, else runs/CONFIG-RECIPE."""
+    return Path(cfg["out"] or Path("runs") / f"{config_name}-{re.sub(r'[^A-Za-z0-9_.+-]+', '_', recipe_label(cfg))}")
+
+
 class Plan:
     """Everything a run needs, resolved and checked before any training starts."""
 
@@ -128,7 +134,7 @@ class Plan:
         self.mix_tasks = {t.name: t for t in self.tasks} | {n: resolve_task(n, cfg["data"], self.root) for n in extra}
         for t in self.mix_tasks.values():  # malformed data fails now, with the file and record named
             load_records(t.train, cfg["data"]["max_examples"])
-        self.out = Path(cfg["out"] or Path("runs") / f"{config_name}-{re.sub(r'[^A-Za-z0-9_.+-]+', '_', self.label)}")
+        self.out = run_dir(cfg, config_name)
         self.stages = [{"index": 0, "name": "base", "task": None, "path": stage_dirname(0, "base")}] + [
             {"index": i, "name": t, "task": t, "path": stage_dirname(i, t)} for i, t in enumerate(cfg["tasks"], 1)]
 
@@ -180,8 +186,8 @@ class Plan:
 class TrainLog:
     """RUN/train_log.jsonl; restarting stage k drops whatever an interrupted stage k had written."""
 
-    def __init__(self, path: Path, keep_before: int, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, keep_before: int, enabled: bool, curves: Curves | None = None):
+        self.path, self.enabled, self.curves = path, enabled, curves
         if enabled and path.is_file():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("stage", 0) < keep_before]
@@ -191,6 +197,8 @@ class TrainLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.curves is not None:
+                self.curves.train(record)
 
 
 def monitor_probe(cfg: dict, plan: Plan, out: Path, captions: dict, processor, opts: checkpoints.LoadOptions):
@@ -209,7 +217,8 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
     from .loop import full_state_dict, make_accelerator, train_stage
     from .monitor import create as create_monitor
 
-    accelerator = make_accelerator(cfg["train"])
+    accelerator = make_accelerator(cfg["train"], project_dir=run_dir(cfg, config_name) if cfg["train"]["log_with"]
+                                   else None)
     with accelerator.main_process_first():  # rank 0 builds the world / base model if needed, the others reuse it
         plan = Plan(cfg, config_name)
     method = plan.method
@@ -234,8 +243,10 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         raise RunError(f"{plan.base}: the tokenizer has no pad token")
+    curves = Curves(accelerator, out, cfg) if cfg["train"]["log_with"] else None   # TensorBoard / W&B
     monitor = create_monitor(cfg, plan, out, accelerator, lambda captions: monitor_probe(  # monitor.every
-        cfg, plan, out, captions, processor, replace(opts, device=accelerator.device)))
+        cfg, plan, out, captions, processor, replace(opts, device=accelerator.device)),
+        on_values=curves.monitor if curves else None)
 
     if done == 0:
         stage0 = out / plan.stages[0]["path"]
@@ -251,7 +262,9 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
     train_cfg = method.train_config(cfg["train"])
     for stage in plan.stages[done:]:
         k, task = stage["index"], plan.tasks[stage["index"] - 1]
-        log = TrainLog(out / TRAIN_LOG, keep_before=k, enabled=main)
+        log = TrainLog(out / TRAIN_LOG, keep_before=k, enabled=main, curves=curves)
+        if curves:
+            curves.stage(k, steps_before(out / TRAIN_LOG, k))
         ctx = StageContext(index=k, task=task.name, prev=out / plan.stages[k - 1]["path"], path=out / stage["path"],
                            run_dir=out, stage0=out / plan.stages[0]["path"], base=plan.base, family=plan.family,
                            processor=processor, save=cfg["save"], accelerator=accelerator)
@@ -281,6 +294,8 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
         method.end_stage()
         del model, result, state
         accelerator.free_memory()
+    if curves:
+        curves.close()
     return out
 
 
