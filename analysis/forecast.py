@@ -202,7 +202,7 @@ def fit(pts: pd.DataFrame, level: float = 0.9, alpha: float | None = None, horiz
     summary = {"n": int(len(y)), "runs": int(pts["run"].nunique()), "mae": float(np.mean(np.abs(res))),
                "spearman": rho["estimate"], "spearman_ci": [rho["ci_low"], rho["ci_high"]],
                "spearman_p": rho["p_value"], "mae_predict_mean": float(np.mean(np.abs(y - y.mean()))),
-               "coverage_in_sample": float(np.mean(np.abs(res) <= lo_hi))}
+               "coverage_of_loro_residuals": float(np.mean(np.abs(res) <= lo_hi))}
     on = {"runs": sorted(pts["run"].unique()), "recipes": sorted(pts["recipe"].unique()), "points": int(len(y)),
           "early_steps": sorted(int(s) for s in pts["early_step"].unique()), **(fitted_on or {})}
     f = Forecaster(list(FEATURES), mean.tolist(), scale.tolist(), coef.tolist(), b, a, level, lo_hi,

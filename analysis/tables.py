@@ -20,7 +20,7 @@ PROBE_COLUMNS = ("run", "stage", "stage_name", "task", "recipe", "checkpoint", "
 ADVICE_COLUMNS = ["candidate", "steps", "learning_proxy", "kl_to_base", "number_mass_shift",
                   "predicted_heldout_change", "ci_low", "ci_high", "seconds", "rank", "eligible", "pareto", "recipe",
                   "task", "loss_before", "loss_after", "signature_mass_shift", "kl_to_base_slope",
-                  "number_mass_slope", "forecaster", "trial_dir"]
+                  "number_mass_slope", "train_seconds", "forecaster", "trial_dir"]
 SPLITS = ("target", "heldout")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,12 +18,14 @@ Recommendation: among the candidates whose learning proxy reaches `--min-learnin
 the one with the highest predicted held-out change (the least forgetting); the rank follows the same order.
 
 Writes DIR/advice.parquet (analysis.tables.ADVICE_COLUMNS, one row per candidate), DIR/frontier.png and
-DIR/trials/CANDIDATE/ (each trial's run directory); prints the ranked table, the recommendation and why,
+DIR/trials/CANDIDATE/ (each trial's run directory; `seconds` is a trial's wall time, setup included,
+`train_seconds` its training stage alone); prints the ranked table, the recommendation and why,
 and which forecaster made the predictions.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import sys
@@ -44,7 +46,7 @@ from .families import CheckpointError
 from .loop import StageHooks
 from .mixing import stage_dataset
 from .recipes import RecipeError
-from .run import Plan, RunError, run
+from .run import TRAIN_LOG, Plan, RunError, run
 
 DEFAULT_FORECAST = Path(__file__).parent / "configs" / "forecast" / "default.json"
 
@@ -150,9 +152,11 @@ def run_trial(config: str, candidate: str, overrides: list[str], args) -> dict:
     run(cfg, name, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, hooks=[trial])
     seconds = time.perf_counter() - start
     f = stage_features(pd.read_parquet(out / "monitor.parquet"), 1, cfg["tasks"][0])
+    log = [json.loads(line) for line in (out / TRAIN_LOG).read_text().splitlines() if line.strip()]
+    train_seconds = sum(r["seconds"] for r in log if r.get("event") == "stage_end")
     return {"candidate": candidate, "recipe": recipe, "task": cfg["tasks"][0], "steps": trial.done,
             "loss_before": trial.before, "loss_after": trial.after, "learning_proxy": trial.before - trial.after,
-            **f, "seconds": seconds, "trial_dir": str(out)}
+            **f, "seconds": seconds, "train_seconds": train_seconds, "trial_dir": str(out)}
 
 
 def rank(table: pd.DataFrame, min_learning: float) -> pd.DataFrame:
