@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from analysis import forecast as F                       # noqa: E402
-from analysis.metrics import RunMetrics                  # noqa: E402
-from analysis.stats import correlate                     # noqa: E402
-from analysis.tables import load_runs                    # noqa: E402
+from analysis import forecast as F  # noqa: E402
+from analysis.metrics import RunMetrics  # noqa: E402
+from analysis.stats import correlate  # noqa: E402
+from analysis.tables import load_runs  # noqa: E402
 
 
 def _spearman(x, y) -> float:
