@@ -35,10 +35,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from probes.schemas import TableError
+
 from .drift_monitor import load_monitor
 from .metrics import RunMetrics
 from .stats import correlate
-from .tables import TableError, load_runs
+from .tables import load_runs
 
 FEATURES = ("kl_to_base", "number_mass_shift", "signature_mass_shift", "kl_to_base_slope", "number_mass_slope")
 TARGET = "heldout_change"

@@ -56,7 +56,8 @@ from .batching import EncodeCache
 from .cli import add_loading_arguments
 from .drift import DriftError
 from .engine import Engine
-from .run import caption_set
+from .run import load_run_captions
+from .schemas import LAYERS
 from .stats import SampleAccumulator
 from .sweep import Command, SweepOptions, sweep
 from .tokensets import token_set, vocab_fingerprint
@@ -65,11 +66,7 @@ from .vocab import Chunk, Head, LogSumExp, reduce_vocab
 
 COMPONENTS = {"attn": "self_attn", "mlp": "mlp"}
 MEASURES = ("logit_l2", "number_logit", "number_logmass", "resid_l2")
-COLUMNS = ["run", "stage", "stage_name", "task", "recipe", "checkpoint", "base", "layer", "component", "hook",
-           "measure", "mean", "std", "ci_low", "ci_high", "n_samples", "n_positions", "dataset", "dataset_hash"]
-DTYPES = {"stage": "int64", "layer": "int64", "mean": "float64", "std": "float64", "ci_low": "float64",
-          "ci_high": "float64", "n_samples": "int64", "n_positions": "int64"}
-KEY = ["stage", "layer", "component", "measure"]
+COLUMNS, DTYPES, KEY = LAYERS.columns, LAYERS.dtypes, LAYERS.key    # the table's schema (probes.schemas)
 
 
 def hook_name(layer: int, component: str) -> str:
@@ -271,7 +268,7 @@ class Layers(Command):
     def setup(self, run, out, procs) -> None:
         super().setup(run, out, procs)
         o = self.opts
-        self.caps = caption_set(o, run)
+        self.caps = load_run_captions(o, run)
         read_layers(out)                          # a foreign file stops here, before any model
         if o.base:
             self.base_path, self.base_rel = Path(o.base), str(Path(o.base).resolve())

@@ -102,7 +102,7 @@ def parse_args(argv=None) -> RunOptions:
     return RunOptions.from_args(args, token_sets=token_sets, extras=extras)
 
 
-def caption_set(opts, run: RunDir):
+def load_run_captions(opts, run: RunDir):
     """The caption set of `opts` (captions, images, num_samples, sample, seed, strict), else the one run.json names."""
     if opts.captions:
         return load_captions(opts.captions, opts.images, opts.num_samples, opts.sample, opts.seed, opts.strict)
@@ -133,7 +133,7 @@ class ProbeRun(Command):
     def setup(self, run, out, procs) -> None:
         super().setup(run, out, procs)
         o = self.opts
-        self.caps = caption_set(o, run)
+        self.caps = load_run_captions(o, run)
         self.extras = drift_extras.setup(o.extras, run, self.caps, out, o.load, say=procs.say, write=procs.main)
         self.names = {m: self.extras.names(o.token_sets, m) for m in MODES[o.mode]}   # per mode: drift is tf only
         self.reference = reference_tokenizer(run, o)

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.tables import ADVICE_COLUMNS
+from probes.schemas import ADVICE
 from training import advise
 from training.config import ConfigError
 from training.families import FAMILIES
@@ -42,7 +42,7 @@ def test_advise_on_a_tiny_base_writes_the_table(tmp_path, capsys):
                       "monitor.captions=4", "monitor.batch_size=4"])
     assert rc == 0
     t = pd.read_parquet(out / "advice.parquet")
-    assert list(t.columns) == ADVICE_COLUMNS and len(t) == 2
+    assert tuple(t.columns) == ADVICE.columns and len(t) == 2
     assert set(t["candidate"]) == {"sa_proj", "mlp_gate_up:train.lr=1e-4"} and (t["steps"] == 2).all()
     assert (t["task"] == "pixmocount").all() and sorted(t["rank"]) == [1, 2]
     num = t[["learning_proxy", "kl_to_base", "predicted_heldout_change", "ci_low", "ci_high", "seconds"]]

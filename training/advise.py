@@ -17,7 +17,7 @@ the stage's own schedule. Measured per candidate:
 Recommendation: among the candidates whose learning proxy reaches `--min-learning` (0.5) of the best one's,
 the one with the highest predicted held-out change (the least forgetting); the rank follows the same order.
 
-Writes DIR/advice.parquet (analysis.tables.ADVICE_COLUMNS, one row per candidate), DIR/frontier.png and
+Writes DIR/advice.parquet (probes.schemas.ADVICE, one row per candidate), DIR/frontier.png and
 DIR/trials/CANDIDATE/ (each trial's run directory; `seconds` is a trial's wall time, setup included,
 `train_seconds` its training stage alone); prints the ranked table, the recommendation and why,
 and which forecaster made the predictions.
@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from analysis.forecast import Forecaster, stage_features
-from analysis.tables import ADVICE_COLUMNS, TableError
+from probes.schemas import ADVICE, TableError
 
 from . import checkpoints
 from .config import ConfigError, apply, load_config, parse_override, resolve_path
@@ -219,7 +219,7 @@ def advise(args, overrides: list[str]) -> pd.DataFrame:
     table = rank(table.assign(predicted_heldout_change=pred, ci_low=lo, ci_high=hi, forecaster=str(forecast_path)),
                  args.min_learning)
     out = Path(args.out)
-    table[ADVICE_COLUMNS].to_parquet(out / "advice.parquet", index=False)
+    table[list(ADVICE.columns)].to_parquet(out / ADVICE.file, index=False)
     figure(table, forecast_path.name).savefig(out / "frontier.png", dpi=120)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table[["rank", "candidate", "steps", "learning_proxy", "kl_to_base", "number_mass_shift",

@@ -43,10 +43,6 @@ import pandas as pd
 from .config import ConfigError
 from .loop import StageHooks
 
-MONITOR_FILE = "monitor.parquet"
-COLUMNS = ["run", "stage", "stage_name", "task", "step", "probe", "value", "std", "n_samples", "n_positions",
-           "seconds", "lr_scale", "event", "dataset", "dataset_hash"]
-
 
 class MonitorError(ConfigError):
     """A monitor that cannot run with this config or run; the message names the key."""
@@ -69,11 +65,12 @@ class DriftMonitor(StageHooks):
     """Built by `create`; its probe's reference (and stage 0's values) is made at the first check, when stage 0
     exists."""
 
-    def __init__(self, cfg: dict, out: Path, stages: list[dict], probe: Probe, *, main: bool = True,
+    def __init__(self, cfg: dict, out: Path, stages: list[dict], probe: Probe, table, *, main: bool = True,
                  on_values: Callable[[int, int, dict], None] | None = None):
         self.cfg, self.out, self.main, self.run_name = cfg["monitor"], Path(out), main, Path(out).name
-        self.on_values = on_values       # (stage, step, values) of every check: training.trackers' curves
-        self.path = self.out / MONITOR_FILE
+        self.table = table                      # the table's schema (probes.schemas.MONITOR)
+        self.on_values = on_values              # (stage, step, values) of every check: training.trackers' curves
+        self.path = self.out / table.file
         self.stages, self.probe = stages, probe
         self.base_values = None
         self.stage = None
@@ -111,7 +108,8 @@ class DriftMonitor(StageHooks):
     def _write(self) -> None:
         if not self.main:
             return
-        df = pd.DataFrame(self.rows, columns=COLUMNS).sort_values(["stage", "step", "probe"], kind="stable")
+        df = pd.DataFrame(self.rows, columns=list(self.table.columns)).sort_values(list(self.table.order),
+                                                                                    kind="stable")
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.out)
         os.close(fd)
         try:
@@ -195,15 +193,15 @@ def _agree(flag: bool) -> bool:
     return bool(box[0])
 
 
-def create(cfg: dict, plan, out: Path, accelerator, make_probe: Callable[[dict], Probe],
+def create(cfg: dict, plan, out: Path, accelerator, make_probe: Callable[[dict], Probe], table,
            on_values: Callable[[int, int, dict], None] | None = None) -> DriftMonitor | None:
     """The run's monitor, or None when `monitor.every` is 0. Checks what it can before stage 0 is written;
-    `make_probe(captions)` gives the probe of the run's caption set ({"path", "images"}); `on_values` sees
-    every check's values."""
+    `make_probe(captions)` gives the probe of the run's caption set ({"path", "images"}); `table` is the monitor
+    table's schema (probes.schemas.MONITOR); `on_values` sees every check's values."""
     m = cfg["monitor"]
     if not m["every"]:
         return None
-    from .data import caption_set
+    from .records import caption_set
 
     kind = accelerator.distributed_type.value
     if kind in ("FSDP", "DEEPSPEED"):
@@ -217,4 +215,4 @@ def create(cfg: dict, plan, out: Path, accelerator, make_probe: Callable[[dict],
     if m["probe"] not in probe.probe_names:
         raise MonitorError(f"monitor.probe {m['probe']!r} is not among the monitor's probes "
                            f"({', '.join(sorted(probe.probe_names))})")
-    return DriftMonitor(cfg, out, plan.stages, probe, main=accelerator.is_main_process, on_values=on_values)
+    return DriftMonitor(cfg, out, plan.stages, probe, table, main=accelerator.is_main_process, on_values=on_values)
