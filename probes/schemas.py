@@ -64,6 +64,6 @@ ADVICE = Schema("advice.parquet", ("candidate", "steps", "learning_proxy", "kl_t
                                    "predicted_heldout_change", "ci_low", "ci_high", "seconds", "rank", "eligible",
                                    "pareto", "recipe", "task", "loss_before", "loss_after", "signature_mass_shift",
                                    "kl_to_base_slope", "number_mass_slope", "train_seconds", "forecaster",
-                                   "trial_dir"),
+                                   "trial_dir", "target_gain", "target_items"),
                 key=("candidate",), order=("rank",), what="advice table",
-                dtypes={"steps": "int64", "rank": "int64"})
+                dtypes={"steps": "int64", "rank": "int64", "target_items": "int64"})

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     }
     res["time_ratio_wall"] = res["advice_wall_seconds"] / res["full_train_seconds"]
     res["time_ratio_train"] = res["advice_train_seconds"] / res["full_train_seconds"]
-    cols = ["candidate", "rank", "learning_proxy", "kl_to_base", "predicted_heldout_change", "loro_pred",
+    cols = ["candidate", "rank", "learning_proxy", "target_gain", "kl_to_base", "predicted_heldout_change", "loro_pred",
             "loro_low", "loro_high", "measured_heldout_change", "measured_target_change", "heldout_change_final",
             "target_overall", "seconds", "train_seconds", "full_train_seconds"]
     t[cols].to_csv(out / "advice_vs_full.csv", index=False)

@@ -37,7 +37,7 @@ def test_advise_on_a_tiny_base_writes_the_table(tmp_path, capsys):
     root = write_llava_root(tmp_path / "data", n=16, world=True)
     out = tmp_path / "advice"
     rc = advise.main(["--config", "toy-tiny", "--candidates", "sa_proj,mlp_gate_up:train.lr=1e-4", "--steps", "2",
-                      "--slice", "4", "--out", str(out), f"base={base}", f"data.root={root}",
+                      "--slice", "4", "--target-items", "4", "--max-new-tokens", "4", "--out", str(out), f"base={base}", f"data.root={root}",
                       "tasks=[pixmocount,pathvqa]", "train.batch_size=4", "train.progress=false",
                       "monitor.captions=4", "monitor.batch_size=4"])
     assert rc == 0
@@ -49,6 +49,7 @@ def test_advise_on_a_tiny_base_writes_the_table(tmp_path, capsys):
     assert np.isfinite(num.to_numpy(float)).all()
     assert (t["ci_low"] < t["predicted_heldout_change"]).all() and (t["predicted_heldout_change"] < t["ci_high"]).all()
     assert (t["kl_to_base"] > 0).all() and (out / "frontier.png").is_file()
+    assert (t["target_items"] > 0).all() and np.isfinite(t["target_gain"]).all()   # pixmocount's target benchmark
     trial = json.loads((out / "trials" / "sa_proj" / "run.json").read_text())
     assert trial["tasks"] == ["pixmocount"] and trial["config"]["monitor"]["every"] == 2
     printed = capsys.readouterr().out

@@ -11,6 +11,8 @@ config's base on the config's first task (or `--stage NAME`), and stops after `-
 the stage's own schedule. Measured per candidate:
 - learning_proxy: the answer-token loss on the first `--slice` examples of the task's training data, before
   the trial minus after it (nats; positive = it learns the task);
+- target_gain: the task's target benchmarks (probes.evaluate) on their first `--target-items` (16) items,
+  after the trial minus before it (pp; coarse on so few items, reported, not ranked on);
 - the drift features of analysis.forecast at step N (kl_to_base, number_mass_shift, ...), and from them the
   forecast stage-end held-out change (pp) with its interval (`--forecast`, default the shipped
   training/configs/forecast/default.json).
@@ -18,8 +20,8 @@ Recommendation: among the candidates whose learning proxy reaches `--min-learnin
 the one with the highest predicted held-out change (the least forgetting); the rank follows the same order.
 
 Writes DIR/advice.parquet (probes.schemas.ADVICE, one row per candidate), DIR/frontier.png and
-DIR/trials/CANDIDATE/ (each trial's run directory; `seconds` is a trial's wall time, setup included,
-`train_seconds` its training stage alone); prints the ranked table, the recommendation and why,
+DIR/trials/CANDIDATE/ (each trial's run directory; `seconds` is a trial's wall time, setup and target
+scoring included, `train_seconds` its training stage alone); prints the ranked table, the recommendation and why,
 and which forecaster made the predictions.
 """
 from __future__ import annotations
@@ -44,6 +46,8 @@ from .config import ConfigError, apply, load_config, parse_override, resolve_pat
 from .data import Collator, DataError
 from .families import CheckpointError
 from .loop import StageHooks
+from .manifest import load as load_manifest
+from .manifest import names_task
 from .mixing import stage_dataset
 from .recipes import RecipeError
 from .run import TRAIN_LOG, Plan, RunError, run
@@ -150,13 +154,34 @@ def run_trial(config: str, candidate: str, overrides: list[str], args) -> dict:
     trial = Trial(args.steps, slice_batches(cfg, name, args.slice))
     start = time.perf_counter()
     run(cfg, name, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, hooks=[trial])
-    seconds = time.perf_counter() - start
     f = stage_features(pd.read_parquet(out / "monitor.parquet"), 1, cfg["tasks"][0])
     log = [json.loads(line) for line in (out / TRAIN_LOG).read_text().splitlines() if line.strip()]
     train_seconds = sum(r["seconds"] for r in log if r.get("event") == "stage_end")
+    gain, items = target_gain(out, cfg["tasks"][0], args.target_items, args.max_new_tokens)
+    seconds = time.perf_counter() - start           # the whole trial: setup, training, target scoring
     return {"candidate": candidate, "recipe": recipe, "task": cfg["tasks"][0], "steps": trial.done,
             "loss_before": trial.before, "loss_after": trial.after, "learning_proxy": trial.before - trial.after,
+            "target_gain": gain, "target_items": items,
             **f, "seconds": seconds, "train_seconds": train_seconds, "trial_dir": str(out)}
+
+
+def target_gain(trial_dir: Path, task: str, items: int, max_new_tokens: int) -> tuple[float, int]:
+    """(score after - score before in pp, items scored) on the first `items` items of the task's target
+    benchmarks (probes.evaluate on the trial's two checkpoints); (nan, 0) when off or nothing to score."""
+    if items <= 0:
+        return float("nan"), 0
+    from probes.evaluate import main as evaluate
+    from probes.schemas import EVALS
+
+    names = [b for b in load_manifest(trial_dir / "run.json")["benchmarks"] if names_task(b, task)]
+    if not names or evaluate(["--ckpt-dir", str(trial_dir), "--benchmarks", ",".join(names), "--limit", str(items),
+                              "--max-new-tokens", str(max_new_tokens)]) != 0:
+        print(f"[training.advise] {trial_dir.name}: no target accuracy (benchmarks {names or 'none'})", file=sys.stderr)
+        return float("nan"), 0
+    ev = pd.read_parquet(trial_dir / EVALS.file)
+    ev = ev[ev["split"] == "target"]
+    by_stage = ev.groupby("stage")["score"].mean()
+    return float(by_stage.get(1, np.nan) - by_stage.get(0, np.nan)), int(ev.loc[ev["stage"] == 1, "n"].sum())
 
 
 def rank(table: pd.DataFrame, min_learning: float) -> pd.DataFrame:
@@ -222,7 +247,7 @@ def advise(args, overrides: list[str]) -> pd.DataFrame:
     table[list(ADVICE.columns)].to_parquet(out / ADVICE.file, index=False)
     figure(table, forecast_path.name).savefig(out / "frontier.png", dpi=120)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(table[["rank", "candidate", "steps", "learning_proxy", "kl_to_base", "number_mass_shift",
+        print(table[["rank", "candidate", "steps", "learning_proxy", "target_gain", "kl_to_base", "number_mass_shift",
                      "predicted_heldout_change", "ci_low", "ci_high", "pareto", "seconds"]].to_string(index=False))
     print(recommendation(table, args.min_learning))
     print(f"forecaster {forecast_path}: fitted on {forecaster.fitted_on.get('points')} stages of "
@@ -244,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", help="the task to try on (default: the config's first)")
     ap.add_argument("--forecast", help=f"a forecaster JSON (analysis.forecast; default {DEFAULT_FORECAST.name})")
     ap.add_argument("--slice", type=int, default=16, help="training examples of the learning proxy (default 16)")
+    ap.add_argument("--target-items", type=int, default=16, help="target-benchmark items scored before and after "
+                    "each trial (greedy answers; 0: off; default 16)")
+    ap.add_argument("--max-new-tokens", type=int, default=16, help="answer length of that scoring (default 16)")
     ap.add_argument("--min-learning", type=float, default=0.5, help="share of the best learning proxy a "
                     "candidate needs to be recommended (default 0.5)")
     ap.add_argument("--out", required=True, help="folder of advice.parquet, frontier.png and the trials")
