@@ -307,14 +307,33 @@ def model_skeleton(model_path) -> nn.Module:
     return skeleton(model_path)
 
 
+def list_families() -> str:
+    """The model types tested on tiny models: overridden (a file in training/families/) or discovered."""
+    from .families import FAMILIES, zoo
+    rows = [(t, "override", f.name, f.notes) for f in FAMILIES.values() for t in f.model_types]
+    rows += [(name, "discovered", spec.model, spec.notes) for name, spec in zoo.TINY.items()]
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{'model_type':<{w}}  {'parts':<10}  class / notes"]
+    lines += [f"{t:<{w}}  {how:<10}  {what}{'  (' + notes + ')' if notes else ''}" for t, how, what, notes in rows]
+    lines.append("Any other model type whose layout is the common one is discovered too (docs/families.md).")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.recipes", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", help="qwen2_5_vl, llava_onevision or llava_next (optional with --model)")
-    ap.add_argument("--recipe", required=True, help="a named recipe or a spec, e.g. sa_proj, 'layers[-4:].attn'")
+    ap.add_argument("--family", help="a family or model type of --list-families (optional with --model)")
+    ap.add_argument("--recipe", help="a named recipe or a spec, e.g. sa_proj, 'layers[-4:].attn'")
     ap.add_argument("--model", help="a local checkpoint folder; default: the family's tiny random model")
     ap.add_argument("--json", action="store_true", help="print one JSON object for machines")
+    ap.add_argument("--list-families", action="store_true",
+                    help="print the model types known to work (tested on tiny models), discovered or overridden")
     args = ap.parse_args(argv)
+    if args.list_families:
+        print(list_families())
+        return 0
+    if args.recipe is None:
+        ap.error("--recipe is required (or --list-families)")
     try:
         family, model = _model_for_listing(args.family, args.model)
         applied = plan(model, args.recipe, family)

@@ -175,6 +175,8 @@ def layer_roles(layer: nn.Module) -> dict[str, str]:
 
 def _child_kind(name: str, child: nn.Module) -> str:
     cls = type(child).__name__
+    if _is_norm(name, child):  # first: a norm's class may carry the family name (MambaRMSNorm)
+        return "norm"
     if name in CROSS_ATTN or "CrossAttention" in cls:
         return "xattn"
     if name in SEQ_MIXERS or any(h in cls for h in SEQ_MIXER_CLASS_HINTS):
@@ -183,8 +185,6 @@ def _child_kind(name: str, child: nn.Module) -> str:
         return "attn"
     if name in MLPS:
         return "mlp"
-    if _is_norm(name, child):
-        return "norm"
     return "layer.other"
 
 
