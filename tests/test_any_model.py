@@ -212,3 +212,41 @@ def test_cli_lists_families_and_builds_zoo_models(capsys):
     assert recipes.main(["--family", "qwen3_5", "--recipe", "linear_attn", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["family"] == "qwen3_5" and all(".linear_attn." in n for n in got["trainable"])
+
+
+def _records(root, with_image: bool, n: int = 6) -> list[dict]:
+    out = []
+    for i in range(n):
+        colour, answer = [("red", "two"), ("blue", "three")][i % 2]
+        rec = {"id": f"r{i}", "conversations": [{"from": "human", "value": "How many squares are there?"},
+                                                {"from": "gpt", "value": answer}]}
+        if with_image:
+            rel = f"{colour}-{i}.png"
+            Image.new("RGB", (32, 32), {"red": (220, 30, 30), "blue": (30, 40, 220)}[colour]).save(root / "images" / rel)
+            rec["image"] = rel
+            rec["conversations"][0]["value"] = "<image>\n" + rec["conversations"][0]["value"]
+        out.append(rec)
+    return out
+
+
+@pytest.mark.parametrize("name,recipe", [("qwen3_vl", "sa_proj"), ("qwen3", "mlp_gate_up")])
+def test_training_run_on_a_new_vlm_and_a_text_lm(name, recipe, tmp_path):
+    from training.config import load_config
+    from training.run import run
+
+    base = tmp_path / "base"
+    model, processor = zoo.build(name)
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    for task in ("a", "b"):
+        (root / "tasks" / task).mkdir(parents=True)
+        (root / "tasks" / task / "train.json").write_text(json.dumps(_records(root, zoo.TINY[name].placeholder != "")))
+    cfg = load_config("toy-tiny", ["train.progress=false", f"base={base}", f"data.root={root}", "tasks=[a,b]",
+                                   "train.max_steps=2", "train.batch_size=2", "train.warmup_ratio=0",
+                                   "data.max_examples=4"])
+    cfg["recipe"], cfg["out"] = recipe, str(tmp_path / "run")
+    out = run(cfg, "toy-tiny")
+    man = json.loads((out / "run.json").read_text())
+    assert man["family"] == name and [s["name"] for s in man["stages"]] == ["base", "a", "b"]

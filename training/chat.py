@@ -24,6 +24,11 @@ class EncodingError(ValueError):
     pass
 
 
+def tokenizer_of(processor):
+    """The tokenizer of a multimodal processor; a text-only LM's processor is its tokenizer."""
+    return getattr(processor, "tokenizer", processor)
+
+
 def messages(instruction: str, answer: str | None = None, with_image: bool = True) -> list[dict]:
     user = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": instruction}]
     msgs = [{"role": "user", "content": user}]
@@ -73,7 +78,7 @@ class Example:
 def encode(processor, image, instruction: str, answer: str | None = None, *, affixes=None) -> Example:
     """Encode one example. With `answer=None`, only the prompt (for generation). A text-only model's
     processor is its tokenizer."""
-    tok = getattr(processor, "tokenizer", processor)
+    tok = tokenizer_of(processor)
     prompt = prompt_text(processor, instruction, with_image=image is not None)
     kwargs = {"images": [image]} if image is not None else {}
     enc = processor(text=[prompt], return_tensors="pt", **kwargs)

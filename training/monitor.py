@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .chat import tokenizer_of
 from .checkpoints import LoadOptions, load_model
 from .config import ConfigError
 from .loop import StageHooks
@@ -67,7 +68,7 @@ def build_probe(m: dict, captions: dict | None, processor, stage0: Path, task_fi
                            "world data.root)")
     every_caption = load_captions(captions["path"], captions.get("images"), num_samples=None, sample="first")
     samples = every_caption.samples[:min(int(m["captions"]), len(every_caption.samples))]
-    tok = processor.tokenizer
+    tok = tokenizer_of(processor)
     vocab = decoded_vocab(tok)
     set_ids = {"number": token_set(tok, "number", vocab)}
     if m["signatures"]:

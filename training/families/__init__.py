@@ -19,7 +19,7 @@ from .qwen2_5_vl import FAMILY as QWEN2_5_VL
 FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2_5_VL, LLAVA_ONEVISION, LLAVA_NEXT)}
 
 __all__ = ["FAMILIES", "CheckpointError", "DiscoveryError", "Family", "check_checkpoint_folder",
-           "discovered_family", "family_of_checkpoint", "family_of_model", "get_family"]
+           "discovered_family", "family_of_checkpoint", "is_image_text", "family_of_model", "get_family"]
 
 
 def get_family(name: str) -> Family:
@@ -68,12 +68,18 @@ def family_of_model(model) -> Family:
     return override_of_model_type(model.config.model_type) or discovered_family(model)
 
 
+def is_image_text(model_type: str) -> bool:
+    """Whether transformers loads this model type with AutoModelForImageTextToText (else: a text-only LM)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or override_of_model_type(model_type) is not None
+
+
 def auto_class(config):
     """AutoModelForImageTextToText for an image-text config, else AutoModelForCausalLM."""
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+    if is_image_text(config.model_type):
         return transformers.AutoModelForImageTextToText
     return transformers.AutoModelForCausalLM
 
