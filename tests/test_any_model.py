@@ -250,3 +250,14 @@ def test_training_run_on_a_new_vlm_and_a_text_lm(name, recipe, tmp_path):
     out = run(cfg, "toy-tiny")
     man = json.loads((out / "run.json").read_text())
     assert man["family"] == name and [s["name"] for s in man["stages"]] == ["base", "a", "b"]
+
+
+def test_lora_targets_fused_linears_and_refuses_3d_experts(zoo_models):
+    from training.methods.lora import target_modules
+
+    phi3, _ = zoo_models("phi3")
+    assert set(target_modules(phi3, "sa_proj")) == {f"model.layers.{i}.self_attn.{m}" for i in range(2)
+                                                    for m in ("qkv_proj", "o_proj")}
+    moe, _ = zoo_models("qwen3_vl_moe")
+    with pytest.raises(RecipeError, match="3-D expert"):
+        target_modules(moe, "mlp")
