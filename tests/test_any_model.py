@@ -185,6 +185,32 @@ def test_a_model_type_no_test_names_works_with_no_new_code():
     assert not any("vision_tower" in n or "projector" in n for n in plan(aya, "mlp").trainable)
 
 
+def test_gpt2_fused_conv1d_attention_is_discovered():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2))
+    assert set(plan(gpt2, "sa_qkv").trainable) == {f"transformer.h.{i}.attn.c_attn.{w}" for i in range(2)
+                                                   for w in ("weight", "bias")}
+    assert set(plan(gpt2, "mlp_gate_up").trainable) == {f"transformer.h.{i}.mlp.c_fc.{w}" for i in range(2)
+                                                        for w in ("weight", "bias")}
+    with pytest.raises(RecipeError, match="fused tensor"):
+        plan(gpt2, "attn.v")
+
+
+def test_an_override_can_reclassify_layer_tensors(zoo_models):
+    from training.families import Family
+    from training.recipes import catalogue
+
+    class NoRouter(Family):
+        def layer_roles(self, layer):
+            return {n: "layer.other" if r == "router" else r for n, r in super().layer_roles(layer).items()}
+
+    moe, _ = zoo_models("qwen3_vl_moe")
+    fam = discovered_family(moe)
+    override = NoRouter(**{k: getattr(fam, k) for k in fam.__dataclass_fields__})
+    assert not any(p.part == "router" for p in catalogue(moe, override))
+
+
 def test_discovery_names_the_model_type_and_what_is_missing(zoo_models):
     model, _ = zoo_models("llama")
     broken = copy.deepcopy(model)

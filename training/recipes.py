@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .families import Family, family_of_model, get_family
-from .families.discover import COMPONENTS, layer_roles
+from .families.discover import COMPONENTS
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def catalogue(model: nn.Module, family: Family | None = None) -> list[ParamInfo]
     family = family or family_of_model(model)
     under = lambda name, path: path is not None and (name == path or name.startswith(path + "."))  # noqa: E731
     layer_re = re.compile(re.escape(family.layers) + r"\.(\d+)\.(.+)$")
-    roles = [layer_roles(layer) for layer in model.get_submodule(family.layers)]
+    roles = [family.layer_roles(layer) for layer in model.get_submodule(family.layers)]
     out = []
     for name, p in model.named_parameters(remove_duplicate=False):
         layer = None
