@@ -44,10 +44,7 @@ def discovered_family(model: nn.Module, name: str | None = None) -> Family:
     """A Family whose part paths come from the model's own module tree (training/families/discover.py)."""
     if model in _DISCOVERED:
         return _DISCOVERED[model]
-    d = discover(model)
-    fam = Family(name=name or d.model_type, model_types=(d.model_type,), model_class_name=type(model).__name__,
-                 vision=d.vision, projector=d.projector, lm=d.decoder, layers=d.layers, embed=d.embed,
-                 final_norm=d.final_norm, lm_head=d.lm_head, image_token="", notes="discovered")
+    fam = Family.from_discovered(discover(model), type(model).__name__, name)
     _DISCOVERED[model] = fam
     return fam
 

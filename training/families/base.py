@@ -84,6 +84,14 @@ class Family:
             out[k] = torch.cat(ts, 0)
         return out
 
+    @classmethod
+    def from_discovered(cls, found, model_class_name: str, name: str | None = None) -> "Family":
+        """A family whose part paths are what discover.discover found in a model."""
+        return cls(name=name or found.model_type, model_types=(found.model_type,), model_class_name=model_class_name,
+                   vision=found.vision, projector=found.projector, lm=found.decoder, layers=found.layers,
+                   embed=found.embed, final_norm=found.final_norm, lm_head=found.lm_head, image_token="",
+                   notes="discovered")
+
     # -- building and loading ----------------------------------------------------------------------
     def build_tiny(self, seed: int = 0, **overrides):  # -> (model, processor)
         """A tiny random model (well under 5M parameters) and its offline processor."""

@@ -17,6 +17,7 @@ import torch
 
 from ..tokenizer import build_tokenizer
 from .base import TINY_CORPUS, Family
+from .discover import discover
 
 IMAGE = 32   # pixels per side of the tiny models' images
 PATCH = 8
@@ -89,6 +90,13 @@ def tokenizer_for(spec: Tiny):
                            named_tokens=spec.extra_special or None)
 
 
+def available(name: str) -> bool:
+    """Whether this transformers has the entry's classes (older releases lack the newest families)."""
+    import transformers
+    spec = TINY[name]
+    return hasattr(transformers, spec.model) and hasattr(transformers, spec.config)
+
+
 def build(name: str, seed: int = 0, layers: int = 2):
     """(tiny random model in eval mode, processor) of zoo entry `name`."""
     import transformers
@@ -131,11 +139,8 @@ _FAMILIES: dict[str, Family] = {}
 def family(name: str) -> Family:
     """The zoo entry's Family: part paths discovered from its tiny model."""
     if name not in _FAMILIES:
-        import dataclasses
-
-        from . import discovered_family
-        fam = discovered_family(build(name)[0], name=name)
-        _FAMILIES[name] = ZooFamily(**{f.name: getattr(fam, f.name) for f in dataclasses.fields(fam)})
+        model = build(name)[0]
+        _FAMILIES[name] = ZooFamily.from_discovered(discover(model), type(model).__name__, name)
     return _FAMILIES[name]
 
 
