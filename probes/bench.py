@@ -39,9 +39,10 @@ import torch
 from training.chat import collate, encode
 from training.families import family_of_model, get_family
 
-from . import engine as engine_mod
+from .batching import EncodeCache
 from .captions import Sample
-from .engine import EncodeCache, Engine
+from .engine import Engine
+from .forward import caption_positions
 from .vision_cache import VisionCache
 
 WORDS = ("a the of on in with and two three small large red blue green white black man woman dog cat car "
@@ -138,7 +139,8 @@ def make_captions(n: int, root: Path, seed: int, large: bool) -> list[Sample]:
 
 # -- measuring -------------------------------------------------------------------------------------
 class FlopCounter:
-    """Model FLOPs as 2 x parameters x tokens, counted with forward hooks (see the module docstring)."""
+    """Model FLOPs as 2 x parameters x tokens, counted with forward hooks (see the module docstring) and, for
+    the engines' output projection, from the logits blocks they report (passed to them as `counter`)."""
 
     def __init__(self, model, family):
         def params(path):
@@ -179,17 +181,14 @@ class FlopCounter:
             mod = model.get_submodule(p) if _is_module(model, p) else None
             if mod is not None:
                 self.handles.append(mod.register_forward_hook(rows_hook(sum(x.numel() for x in mod.parameters()))))
-        self._real_block = engine_mod.logits_block
 
-        def block(h, w, b):     # the engine's output projection, in vocabulary blocks
-            self.flops += 2 * h.shape[0] * w.shape[0] * h.shape[1]
-            return self._real_block(h, w, b)
-        engine_mod.logits_block = block
+    def add_logits(self, rows: int, cols: int, width: int) -> None:
+        """The engine's output projection, one vocabulary block (`probes.vocab.Counter`)."""
+        self.flops += 2 * rows * cols * width
 
     def close(self):
         for h in self.handles:
             h.remove()
-        engine_mod.logits_block = self._real_block
 
 
 def _is_module(model, path) -> bool:
@@ -309,8 +308,8 @@ def naive_teacher_forced(model, processor, samples, set_ids, pad_id):
         _, b, answer = _single(processor, fam, pad_id, s, s.caption, device, dtype)
         logits = model(**b).logits[0]
         mass, ent = _full_softmax_stats(logits, idx)
-        sel = answer[1:].to(device)          # position t predicts token t+1
-        out.append((float(mass[:-1][sel].mean()), float(ent[:-1][sel].mean())))
+        sel = caption_positions(answer[None].to(device))[0]
+        out.append((float(mass[sel].mean()), float(ent[sel].mean())))
     return out
 
 
@@ -384,7 +383,7 @@ def main(argv=None) -> int:
         probe_eng = Engine(model, processor, prefetch=args.prefetch, workers=args.workers, compile=args.compile)
         set_ids, stop_ids, pad_id = probe_eng.set_ids["number"], probe_eng.stop_ids, probe_eng.pad_id
         # as probes.run does: the token sets are found once per tokenizer, not per checkpoint
-        kw = dict(prefetch=args.prefetch, workers=args.workers, set_ids=probe_eng.set_ids)
+        kw = dict(prefetch=args.prefetch, workers=args.workers, set_ids=probe_eng.set_ids, counter=counter)
 
         # warm-up (not timed): first calls, kernel selection, the once-per-process embeddings-path check
         warm = samples[:2]

@@ -37,10 +37,11 @@ from training.families import CheckpointError
 
 from . import benchmarks as B
 from . import table
+from .batching import EncodeCache
 from .captions import CaptionDataError
 from .cli import add_loading_arguments, load_options
 from .discover import DiscoveryError, RunDir, discover
-from .engine import EncodeCache, Engine
+from .engine import Engine
 from .run import broadcast, gather, init_distributed
 from .scorers import SCORERS, get_scorer
 

@@ -18,8 +18,8 @@ from training.families import CheckpointError
 
 from . import drift
 from .cli import load_options
-from .engine import probe_names
 from .signatures import MIN_COUNT, PRIOR, TOP_K, Z_MIN, Signature, SignatureError, derive_all, write_json
+from .stats import probe_names
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -86,7 +86,8 @@ class Extras:
                 raise CheckpointError(f"{self.base_path}: the base's tokenizer differs from the run's; KL over "
                                       "different vocabularies is not defined")
             model, _ = load(self.base_path, opts, processor=eng.processor)
-            self.ref = drift.BaseReference(model, eng.processor, encode_cache=cache, name=str(self.base_path))
+            self.ref = drift.BaseReference(model, eng.processor, encode_cache=cache,
+                                          vision_cache=eng.forward.vision_cache, name=str(self.base_path))
         out = drift.teacher_forced(eng, self.ref, samples, batches, progress=progress)
         self.ref.release_model()       # every batch of this rank's plan is cached: keep only the base's head
         return out

@@ -12,7 +12,8 @@ Hook points (forward hooks, TransformerLens-style stable names):
     blocks.{i}.mlp_out    output of layers[i].mlp (after down_proj: the write-back)
     ln_final.input        the residual stream entering the final norm (for its scale)
 
-Both models run on the same batch; at each position p, D = out_checkpoint - out_base (a d-vector). The final
+Both models run on the same batch through the engine's forward (`probes.forward`: the caption positions, the
+vision cache shared by the stages); at each position p, D = out_checkpoint - out_base (a d-vector). The final
 RMSNorm is linearised at the base (the direct-logit-attribution convention, with the base's cached scale):
     u = gamma_base * D / rms_base(x_final(p)),   rms(x) = sqrt(mean(x^2) + eps)
 and dL = W_U u is the logit-space change (W_U the base's output projection; a bias cancels). Measures:
@@ -39,6 +40,7 @@ import contextlib
 import gc
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -46,18 +48,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from training.chat import collate
 from training.checkpoints import load, load_processor
 from training.families import CheckpointError, family_of_model
 
 from . import table
+from .batching import EncodeCache
 from .captions import CaptionDataError
 from .cli import add_loading_arguments, load_options
 from .discover import DiscoveryError, discover
 from .drift import DriftError
-from .engine import EncodeCache, Engine, SampleAccumulator
+from .engine import Engine
 from .run import caption_set
+from .stats import SampleAccumulator
 from .tokensets import token_set, vocab_fingerprint
+from .vision_cache import VisionCache
+from .vocab import Chunk, Head, LogSumExp, reduce_vocab
 
 COMPONENTS = {"attn": "self_attn", "mlp": "mlp"}
 MEASURES = ("logit_l2", "number_logit", "number_logmass", "resid_l2")
@@ -108,6 +113,22 @@ class Taps:
 
 
 # -- the base's readout ----------------------------------------------------------------------------
+class ExpectedRow:
+    """A `probes.vocab` accumulator: E_p[W] = sum_v p_v W_v per row (fp64), with acc = sum_v e^(z_v - m) W_v
+    rescaled like s when m grows, divided by s at the end."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.W, self.acc = weight, None
+
+    def add(self, chunks: Sequence[Chunk]) -> None:
+        c = chunks[0]
+        part = c.e @ self.W[c.c0:c.c1].double()
+        self.acc = part if c.alpha is None else c.alpha[:, None] * self.acc + part
+
+    def result(self, lse: Sequence[LogSumExp]) -> dict[str, torch.Tensor]:
+        return {"expected_w": self.acc / lse[0].s[:, None]}
+
+
 class Readout:
     """The base's final norm and unembedding, linearised (see the module docstring)."""
 
@@ -141,26 +162,14 @@ class Readout:
 
     def logmass_dir(self, h_normed: torch.Tensor) -> torch.Tensor:
         """E_q[W_num] - E_p[W] per row (N x d), from the base's final (normed) hidden rows; the expectation
-        over the whole vocabulary is accumulated in chunks with an online softmax."""
+        over the whole vocabulary is accumulated in chunks with an online softmax (all rows at once)."""
         N, V = h_normed.shape[0], self.W.shape[0]
         cols = max(1, min(V, self.chunk_elems // max(N, 1)))
-        m = s = acc = None
-        for c0 in range(0, V, cols):
-            w = self.W[c0:c0 + cols]
-            z = (h_normed.to(w.dtype) @ w.T).double()
-            cm = z.max(1).values
-            if m is None:
-                m = cm
-                e = torch.exp(z - m[:, None])
-                s, acc = e.sum(1), e @ w.double()
-                continue
-            nm = torch.maximum(m, cm)
-            a = torch.exp(m - nm)
-            e = torch.exp(z - nm[:, None])
-            s, acc, m = a * s + e.sum(1), a[:, None] * acc + e @ w.double(), nm
+        out = reduce_vocab([h_normed], [Head(self.W, None, torch.float64)], lambda: [ExpectedRow(self.W)],
+                           rows=max(N, 1), cols=cols)
         zn = (h_normed.to(self.W.dtype) @ self.W[self.num].T).double()
         q = torch.softmax(zn, dim=1)
-        return q @ self.W[self.num].double() - acc / s[:, None]
+        return q @ self.W[self.num].double() - out["expected_w"]
 
     def measures(self, delta: torch.Tensor, scale: torch.Tensor, lm_dir: torch.Tensor) -> dict[str, torch.Tensor]:
         u = delta.double() * self.gamma * scale[:, None]
@@ -169,12 +178,6 @@ class Readout:
 
 
 # -- one checkpoint against the base ---------------------------------------------------------------
-def _forward_rows(eng: Engine, taps: Taps, batch: dict, mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    with taps.capture(mask) as rows:
-        hidden = eng.base(**eng.to_device(batch), use_cache=False).last_hidden_state
-    return dict(rows), hidden[mask]
-
-
 @torch.inference_mode()
 def attribute(base: Engine, ck: Engine, readout: Readout, samples, batches: list[list[int]],
               progress: bool = False) -> dict[int, dict]:
@@ -187,15 +190,11 @@ def attribute(base: Engine, ck: Engine, readout: Readout, samples, batches: list
         raise CheckpointError(f"base has {tb.n_layers} decoder layers, the checkpoint {tc.n_layers}")
     names = [f"{h}|{m}" for h in tb.points for m in MEASURES]
     out: dict[int, dict] = {}
-    for idx in tqdm(batches, desc="layers", unit="batch", disable=not progress, leave=False):
-        exs = [ck.encode(samples[i], True) for i in idx]
-        batch = collate(exs, fam, ck.pad_id, "right")
-        answer = batch.pop("answer_mask").to(ck.device)
-        batch.pop("eot_mask")
-        mask = torch.zeros_like(answer)
-        mask[:, :-1] = answer[:, 1:]                      # position t predicts caption token t+1
-        rb, hb = _forward_rows(base, tb, batch, mask)
-        rc, _ = _forward_rows(ck, tc, batch, mask)
+    bar = tqdm(total=len(batches), desc="layers", unit="batch", disable=not progress, leave=False)
+    for idx, batch, keys in ck.stream(samples, batches, True, "right"):
+        hb, seg = base.forward.caption_rows(samples, idx, batch, keys, hooks=tb.capture)
+        ck.forward.caption_rows(samples, idx, batch, keys, hooks=tc.capture)
+        rb, rc = tb.rows, tc.rows
         scale = readout.scale(rb["ln_final.input"])
         lm_dir = readout.logmass_dir(hb)
         values = {}
@@ -203,9 +202,11 @@ def attribute(base: Engine, ck: Engine, readout: Readout, samples, batches: list
             for m, v in readout.measures(rc[h] - rb[h], scale, lm_dir).items():
                 values[f"{h}|{m}"] = v
         acc = SampleAccumulator(names, len(idx), ck.device)
-        acc.add(mask.nonzero()[:, 0], values)
+        acc.add(seg, values)
         for i, r in zip(idx, acc.result()):
             out[i] = r
+        bar.update()
+    bar.close()
     return out
 
 
@@ -282,9 +283,9 @@ def main(argv=None) -> int:
           f"{caps.source} ({len(caps.samples)} samples, hash {caps.hash}); {opts.device} {opts.dtype} -> {out_path}")
     if caps.report():
         print(f"probes.layers: {caps.report()}", file=sys.stderr)
-    cache = EncodeCache()
+    cache, vision = EncodeCache(), VisionCache()     # the stages share encodings and (LM-only) image features
     base_model, _ = load(base_path, opts, processor=processor)
-    base = Engine(base_model, processor, token_sets=(), encode_cache=cache)
+    base = Engine(base_model, processor, token_sets=(), encode_cache=cache, vision_cache=vision)
     readout = Readout(base_model, token_set(processor.tokenizer, "number"))
     n_layers = Taps(base_model, base.family).n_layers
     batches = base.plan(caps.samples, args.batch_size, True)
@@ -306,7 +307,7 @@ def main(argv=None) -> int:
             if vocab_fingerprint(own.tokenizer) != vocab_fingerprint(processor.tokenizer):
                 raise CheckpointError(f"{ck.path}: its tokenizer differs from the base's")
             model, _ = load(ck.path, opts, processor=processor)
-            eng = Engine(model, processor, token_sets=(), encode_cache=cache)
+            eng = Engine(model, processor, token_sets=(), encode_cache=cache, vision_cache=vision)
             per = attribute(base, eng, readout, caps.samples, batches, progress=True)
             table.append_rows(out_path, rows_for(run, ck, base_rel, per, caps), columns=COLUMNS, dtypes=DTYPES,
                               key=KEY, order=["stage", "layer", "component", "measure"], what="layer table")

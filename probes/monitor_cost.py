@@ -24,10 +24,11 @@ from training.checkpoints import LoadOptions, load
 from training.families import CheckpointError
 
 from . import benchmarks as B
+from .batching import EncodeCache
 from .captions import CaptionDataError
 from .cli import pick_device
 from .discover import DiscoveryError, discover
-from .engine import EncodeCache, Engine
+from .engine import Engine
 from .signatures import SignatureError, task_files
 
 COST_FILE = "monitor_cost.json"

@@ -31,11 +31,13 @@ from training.families import CheckpointError
 
 from . import extras as drift_extras
 from . import table
+from .batching import EncodeCache
 from .captions import CaptionDataError, load_captions
 from .cli import add_loading_arguments, load_options
+from .decode import MAX_NEW_TOKENS
 from .discover import DiscoveryError, RunDir, discover
 from .drift import DriftError
-from .engine import MAX_NEW_TOKENS, EncodeCache, Engine
+from .engine import Engine
 from .tokensets import TOKEN_SETS, decoded_vocab, token_set, vocab_fingerprint
 from .vision_cache import VisionCache
 

@@ -14,12 +14,17 @@ is done and only redoes the analysis. `--runs` picks runs by name (RECIPES, BASE
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
+import queue
+import re
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the toolkit's packages live at the repository root
@@ -40,18 +45,52 @@ def _env() -> dict:
     return env
 
 
+# A tqdm update as the toolkit's commands print it: "desc:  45%|####  | 45/100 [00:10<00:12, 4.5it/s]".
+PROGRESS = re.compile(r"(?P<desc>[^\r\n]*?):\s*\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*\[(?P<times>[^\]]*)\]")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+SLOTS: queue.Queue = queue.Queue()  # terminal lines for the progress bars of the chains running at once
+
+
+def _relay(pipe, log, bar) -> None:
+    """Copy a command's output into its log, line by line; its progress updates (tqdm's carriage-return
+    rewrites) go to this demo's bar instead, so the terminal shows steps done, rate and time left."""
+    pending, decode = "", codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+    for chunk in iter(lambda: decode(os.read(pipe.fileno(), 1 << 14)), ""):
+        pending += chunk
+        *parts, pending = re.split(r"(\r|\n)", pending)
+        for text, sep in zip(parts[::2], parts[1::2]):
+            m = PROGRESS.search(text)
+            if m:
+                bar.total, bar.n = int(m["total"]), int(m["n"])  # the command's own count, time left and rate
+                bar.set_postfix_str(f"{m['desc'].strip()[-24:]} [{m['times']}]", refresh=True)
+            elif sep == "\n" and (ANSI.sub("", text).strip() or not ANSI.search(text)):  # not a bar's erasure
+                log.write(text + "\n")
+    if pending:
+        log.write(pending)
+
+
 def step(cmd: list[str], log: Path, label: str) -> float:
-    """Run one toolkit command, its output to `log`; stop the demo with the log's tail if it fails."""
+    """Run one toolkit command, its output to `log` and its progress to a bar on the terminal; stop the
+    demo with the log's tail if it fails."""
     t0 = time.time()
-    with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
-        f.flush()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=_env())
+    slot = SLOTS.get()
+    bar = tqdm(desc=f"  {label}", position=slot, leave=False, dynamic_ncols=True, mininterval=0.5, disable=None,
+               bar_format="{desc}: {percentage:3.0f}%|{bar:20}| {n}/{total}{postfix}")
+    try:
+        with open(log, "a") as f:
+            f.write(f"\n$ {' '.join(cmd)}\n")
+            f.flush()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, env=_env())
+            _relay(proc.stdout, f, bar)
+            rc = proc.wait()
+    finally:
+        bar.close()
+        SLOTS.put(slot)
     dt = time.time() - t0
     if rc != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
         raise SystemExit(f"demo: {label} failed (exit {rc}); last lines of {log}:\n{tail}")
-    print(f"  {label:<40s} {dt:6.1f} s", flush=True)
+    tqdm.write(f"  {label:<40s} {dt:6.1f} s")
     return dt
 
 
@@ -59,7 +98,7 @@ def chain(name: str, train_args: list[str], out: Path, args) -> None:
     """Train one run over the five stages, then probe, evaluate and attribute every checkpoint."""
     py, run, log = sys.executable, out / name, out / "logs" / f"{name}.log"
     step([py, "-m", "training.run", "--config", args.config, *train_args, "--out", str(run),
-          "train.progress=false", f"monitor.every={args.monitor_every}"], log, f"{name}: training.run")
+          f"monitor.every={args.monitor_every}"], log, f"{name}: training.run")
     step([py, "-m", "probes.run", "--ckpt-dir", str(run), "--num-samples", str(args.captions), "--mode", "both",
           "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "32", "--drift", "--signatures"],
          log, f"{name}: probes.run")
@@ -122,6 +161,8 @@ def main(argv=None) -> int:
         ap.error(f"--runs: unknown run(s) {unknown}; known: {', '.join(ALL)}")
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
+    for slot in range(max(args.workers, 1)):
+        SLOTS.put(slot)
     t0 = time.time()
 
     from training.config import load_config

@@ -18,6 +18,7 @@ from probes import drift
 from probes.captions import Sample
 from probes.engine import Engine
 from probes.run import main as probes_run
+from probes.vision_cache import VisionCache
 from training.chat import collate, encode
 from training.config import load_config
 from training.families import FAMILIES
@@ -214,3 +215,18 @@ def test_an_engine_reads_the_live_weights(pairs):
     after = eng.teacher_forced(samples, batch_size=4)
     fresh = Engine(model, processor).teacher_forced(samples, batch_size=4)
     assert after == fresh and after[0]["number_mass"] > before[0]["number_mass"]
+
+
+def test_drift_reads_image_features_from_the_vision_cache_with_identical_numbers(pairs):
+    """Both sides run the engine's forward: with one vision cache, the base's batches read the features the
+    checkpoint computed (its vision side is the base's), and every number stays bitwise the same."""
+    base, ck, processor, samples, _ = pairs("qwen2_5_vl")
+    samples = [Sample(s.id, s.instruction, s.caption, s.image, f"mem-{s.id}") for s in samples]
+    plain = Engine(ck, processor)
+    batches = plain.plan(samples, 4, True)
+    want = drift.teacher_forced(plain, drift.BaseReference(base, processor), samples, batches)
+    vis = VisionCache()
+    eng = Engine(ck, processor, vision_cache=vis)
+    got = drift.teacher_forced(eng, drift.BaseReference(base, processor, vision_cache=vis), samples, batches)
+    assert got == want
+    assert vis.misses == len(samples) and vis.hits == len(samples)

@@ -14,7 +14,8 @@ from PIL import Image
 from analysis.tables import EVAL_COLUMNS, load_run
 from probes import benchmarks as B
 from probes import table
-from probes.engine import Engine, Generation
+from probes.decode import Generation
+from probes.engine import Engine
 from probes.evaluate import main
 from probes.scorers import get_scorer
 from tests.llava_fixture import write_llava_root

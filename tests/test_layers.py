@@ -12,6 +12,7 @@ from probes import layers
 from probes.captions import Sample
 from probes.engine import Engine
 from probes.tokensets import token_set
+from probes.vision_cache import VisionCache
 from training.chat import collate, encode
 from training.config import load_config
 from training.families import FAMILIES
@@ -153,3 +154,24 @@ def test_probes_layers_cli_on_a_trained_run(tmp_path, capsys):
     assert capsys.readouterr().out.count("skipped (already in the table)") == 2
     assert layers.main(["--ckpt-dir", str(run), "--num-samples", "4"]) == 1           # other captions: stop
     assert "use --out or --replace" in capsys.readouterr().err
+
+
+def test_attribution_reads_image_features_from_the_vision_cache(three_layers, monkeypatch):
+    """The layers run the engine's forward: with a vision cache the checkpoint reads the base's image
+    features, the numbers stay bitwise the same, and the taps fire once per forward even in the forward
+    that first checks the embeddings path (the hooks are entered around the model's own pass only)."""
+    import probes.forward as forward_mod
+
+    monkeypatch.setattr(forward_mod, "_EMBEDS_PATH_OK", {})
+    base, processor = three_layers
+    ck = changed(base, layer=1)
+    readout = layers.Readout(base, token_set(processor.tokenizer, "number"))
+    samples = [Sample(s.id, s.instruction, s.caption, s.image, f"mem-{s.id}") for s in make_samples()]
+    plain = Engine(base, processor, token_sets=())
+    batches = plain.plan(samples, 4, True)
+    want = layers.attribute(plain, Engine(ck, processor, token_sets=()), readout, samples, batches)
+    vis = VisionCache()
+    got = layers.attribute(Engine(base, processor, token_sets=(), vision_cache=vis),
+                           Engine(ck, processor, token_sets=(), vision_cache=vis), readout, samples, batches)
+    assert got == want
+    assert vis.misses == len(samples) and vis.hits == len(samples)

@@ -16,8 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
+from probes.batching import EncodeCache
 from probes.captions import Sample
-from probes.engine import EncodeCache, Engine, vocab_stats
+from probes.engine import Engine
+from probes.stats import vocab_stats
 from probes.vision_cache import VisionCache
 from training.chat import collate, encode
 from training.families import FAMILIES
@@ -212,18 +214,24 @@ def test_vocab_stats_argmax_ties_take_the_first_index():
         assert vocab_stats(h, w, None, {}, want_argmax=True, chunk_elems=chunk).argmax.tolist() == [1]
 
 
-def test_memory_is_bounded_by_the_chunk_not_by_positions_times_vocabulary(monkeypatch):
-    """No logits block larger than chunk_elems is ever made, however many positions are scored."""
-    seen = []
-    real = torch.Tensor.float
+class BlockSizes:
+    """A `probes.vocab.Counter` that keeps the size of every logits block it is told of."""
 
-    def spy(self, *a, **k):
-        seen.append(self.numel())
-        return real(self, *a, **k)
-    monkeypatch.setattr(torch.Tensor, "float", spy)
+    def __init__(self):
+        self.sizes = []
+
+    def add_logits(self, rows, cols, width):
+        self.sizes.append(rows * cols)
+
+
+def test_memory_is_bounded_by_the_chunk_not_by_positions_times_vocabulary():
+    """No logits block larger than chunk_elems is ever made, however many positions are scored; the counter
+    passed in is told of every block (the bench counts the output projection's FLOPs so)."""
+    seen = BlockSizes()
     h, w = torch.randn(5000, 8), torch.randn(3000, 8)
-    vocab_stats(h, w, None, {}, chunk_elems=1 << 16)
-    assert max(seen) <= 1 << 16 and len(seen) > 1
+    vocab_stats(h, w, None, {}, chunk_elems=1 << 16, counter=seen)
+    assert max(seen.sizes) <= 1 << 16 and len(seen.sizes) > 1
+    assert sum(seen.sizes) == 5000 * 3000           # every logit once
 
 
 @pytest.mark.gpu
@@ -244,7 +252,6 @@ def test_gpu_fp32_matches_the_reference_and_bf16_runs(name, setup):
 
 
 def test_encode_cache_is_shared_only_by_identical_processors(tiny_models, tmp_path):
-    from probes.engine import EncodeCache
     from training.families.qwen2_5_vl import TINY_CORPUS, tiny_tokenizer
 
     model, processor = tiny_models("qwen2_5_vl")

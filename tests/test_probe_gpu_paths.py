@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
+from probes.batching import EncodeCache
 from probes.bench import main as bench_main
-from probes.engine import EncodeCache, Engine
+from probes.engine import Engine
 from probes.vision_cache import VisionCache
 
 from .test_probe_engine import MAX_NEW, max_diff, setup  # noqa: F401  (setup is a fixture)
@@ -26,7 +27,7 @@ def test_gpu_workers_pinned_memory_and_vision_cache_match_the_reference(name, se
     enc, vis = EncodeCache(), VisionCache()
     for _ in range(2):                              # the second engine reads features and encodings back
         eng = Engine(gpu, processor, encode_cache=enc, vision_cache=vis, workers=2)
-        assert eng.workers == 2 and eng.prefetch == 2
+        assert eng.inputs.workers == 2 and eng.inputs.prefetch == 2
         got = eng.teacher_forced(samples, 8)
         assert max(max_diff(got[i], r) for i, r in enumerate(tf_ref)) < 1e-5
         gens = eng.generate(samples, 8, max_new_tokens=MAX_NEW, stats=True)

@@ -5,15 +5,17 @@ import copy
 import pytest
 import torch
 
-import probes.engine as engine_mod
+import probes.batching as batching_mod
+import probes.forward as forward_mod
+from probes.batching import EncodeCache
 from probes.bench import perturb_lm_attention
 from probes.captions import Sample
-from probes.engine import EncodeCache, Engine
+from probes.engine import Engine
 from probes.vision_cache import VisionCache, vision_fingerprint
 from training.families import FAMILIES
 
 from .conftest import FAMILY_NAMES
-from .test_probe_engine import make_samples
+from .test_probe_engine import BlockSizes, make_samples
 
 N = 12
 
@@ -99,13 +101,13 @@ def test_a_transformers_version_whose_features_differ_turns_the_cache_off(tiny_m
     model = copy.deepcopy(model)
     samples = make_samples(N, seed=5)
     want = Engine(model, processor).teacher_forced(samples, 6)
-    monkeypatch.setattr(engine_mod, "_EMBEDS_PATH_OK", {})
-    real = Engine._image_features
-    monkeypatch.setattr(Engine, "_image_features", lambda *a, **k: real(*a, **k) * 1.5)   # not the forward's
+    monkeypatch.setattr(forward_mod, "_EMBEDS_PATH_OK", {})
+    real = forward_mod.Forward._image_features
+    monkeypatch.setattr(forward_mod.Forward, "_image_features", lambda *a, **k: real(*a, **k) * 1.5)   # not the forward's
     eng = Engine(model, processor, vision_cache=VisionCache())
     with pytest.warns(UserWarning, match="vision cache is off"):
         got = eng.teacher_forced(samples, 6)
-    assert eng._vision_fp is None and max_diff(got, want) < 1e-6
+    assert eng.forward.vision_fp is None and max_diff(got, want) < 1e-6
 
 
 def test_worker_processes_and_prefetch_thread_give_the_same_numbers(tiny_models):
@@ -119,28 +121,21 @@ def test_worker_processes_and_prefetch_thread_give_the_same_numbers(tiny_models)
     assert [(g.index, g.token_ids, g.stats) for g in gens] == [(g.index, g.token_ids, g.stats) for g in ref]
 
 
-def test_no_logits_block_grows_with_positions_or_captions(tiny_models, monkeypatch):
+def test_no_logits_block_grows_with_positions_or_captions(tiny_models):
     """Whatever the number of captions, the model's own lm_head never runs and every logits block the
     engine makes holds at most chunk_elems values: peak logits memory is bounded by the chunk."""
     model, processor = tiny_models("qwen2_5_vl")
-    head_calls, blocks = [], []
+    head_calls, blocks = [], BlockSizes()
     hook = model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
-    real = engine_mod.logits_block
-
-    def spy(h, w, b):
-        z = real(h, w, b)
-        blocks.append(z.numel())
-        return z
-    monkeypatch.setattr(engine_mod, "logits_block", spy)
     chunk = 4096
     try:
         largest = []
         for n in (8, 32):
-            blocks.clear()
-            eng = Engine(model, processor, chunk_elems=chunk)
+            blocks.sizes.clear()
+            eng = Engine(model, processor, chunk_elems=chunk, counter=blocks)
             eng.teacher_forced(make_samples(n, seed=7), 32)
             eng.generate(make_samples(n, seed=7), 32, max_new_tokens=3, stats=True)
-            largest.append(max(blocks))
+            largest.append(max(blocks.sizes))
     finally:
         hook.remove()
     assert not head_calls
@@ -192,7 +187,7 @@ def test_checkpoints_sharing_an_encode_cache_share_the_plan(tiny_models, monkeyp
     model, processor = tiny_models("qwen2_5_vl")
     samples, enc = make_samples(N, seed=8), EncodeCache()
     first = Engine(model, processor, encode_cache=enc).plan(samples, 5, True)
-    monkeypatch.setattr(engine_mod, "estimate_lengths", lambda *a: pytest.fail("planned twice"))
+    monkeypatch.setattr(batching_mod, "estimate_lengths", lambda *a: pytest.fail("planned twice"))
     assert Engine(model, processor, encode_cache=enc).plan(samples, 5, True) == first
     with pytest.raises(pytest.fail.Exception):                 # another batch size is another plan
         Engine(model, processor, encode_cache=enc).plan(samples, 4, True)

@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 from probes import benchmarks as B
 from probes import table
 from probes.captions import CaptionDataError, Sample, load_captions
-from probes.engine import Engine, NonFiniteLogits
+from probes.engine import Engine
 from probes.evaluate import main as evaluate
 from probes.lmms_eval_import import main as lmms_import
 from probes.run import main as probe
+from probes.stats import NonFiniteLogits
 from training import run as run_mod
 from training.checkpoints import LoadOptions, load, save_delta
 from training.data import ConversationDataset, DataError, TaskFiles

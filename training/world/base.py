@@ -86,7 +86,9 @@ def pretrain(family: str, size: str, out: str | os.PathLike, train: Train, *,
             # one mapping: separate .train / .images overrides would reset each other (training.config.apply)
             files = ([f"data.tasks.{task}={{train: '{world / info_key(world, task)}', images: '{world / 'images'}'}}"]
                      if task != "pretrain" else [])
-            cfg = load_config(config, [f"base={ckpt}", f"data.root={world}", f"tasks=[{task}]",
+            # progress bars on (the minutes of a base build are visible; make demo relays them), outside the
+            # plan's fingerprint: a cosmetic key, so cached bases stay valid
+            cfg = load_config(config, [f"base={ckpt}", f"data.root={world}", f"tasks=[{task}]", "train.progress=true",
                                        f"out={work / f'run{i}'}", *files, *overrides])
             run_dir = train(cfg, config)
             manifest = json.loads((run_dir / "run.json").read_text())
