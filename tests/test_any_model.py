@@ -240,6 +240,17 @@ def test_cli_lists_families_and_builds_zoo_models(capsys):
     assert got["family"] == "qwen3_5" and all(".linear_attn." in n for n in got["trainable"])
 
 
+def test_cli_reads_a_checkpoint_of_a_discovered_family(capsys, tmp_path, zoo_models):
+    model, processor = zoo_models("phi3")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert recipes.main(["--model", str(tmp_path), "--recipe", "mlp_gate_up", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["family"] == "phi3" and got["trainable"] == [f"model.layers.{i}.mlp.gate_up_proj.weight" for i in range(2)]
+    assert recipes.main(["--model", str(tmp_path), "--recipe", "attn.q"]) == 2
+    assert "fused tensor" in capsys.readouterr().err
+
+
 def _records(root, with_image: bool, n: int = 6) -> list[dict]:
     out = []
     for i in range(n):
@@ -255,8 +266,12 @@ def _records(root, with_image: bool, n: int = 6) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("name,recipe", [("qwen3_vl", "sa_proj"), ("qwen3", "mlp_gate_up")])
-def test_training_run_on_a_new_vlm_and_a_text_lm(name, recipe, tmp_path):
+@pytest.mark.parametrize("name,recipe", [("qwen3_vl", "sa_proj"), ("qwen3", "mlp_gate_up"), ("mllama", "xattn"),
+                                         ("qwen3_5", "linear_attn"), ("qwen3_vl_moe", "mlp"), ("phi3", "sa_proj"),
+                                         ("gemma3", "mlp"), ("internvl", "sa_proj"), ("idefics3", "mlp"),
+                                         ("glm4v", "mlp_gate_up")])  # one of each kind (all 15 pass; time)
+def test_training_run_trains_exactly_the_recipe(name, recipe, tmp_path):
+    from training.checkpoints import load
     from training.config import load_config
     from training.run import run
 
@@ -276,6 +291,9 @@ def test_training_run_on_a_new_vlm_and_a_text_lm(name, recipe, tmp_path):
     out = run(cfg, "toy-tiny")
     man = json.loads((out / "run.json").read_text())
     assert man["family"] == name and [s["name"] for s in man["stages"]] == ["base", "a", "b"]
+    first, last = (dict(load(out / s["path"])[0].named_parameters()) for s in man["stages"][::2])
+    changed = {k for k in first if not torch.equal(first[k], last[k])}
+    assert changed and changed <= set(plan(model, recipe).trainable)  # trained, and nothing else
 
 
 def test_lora_targets_fused_linears_and_refuses_3d_experts(zoo_models):
