@@ -305,3 +305,21 @@ def test_lora_targets_fused_linears_and_refuses_3d_experts(zoo_models):
     moe, _ = zoo_models("qwen3_vl_moe")
     with pytest.raises(RecipeError, match="3-D expert"):
         target_modules(moe, "mlp")
+
+
+def test_a_delta_of_a_discovered_family_loads_over_its_base(tmp_path, zoo_models):
+    from training.checkpoints import family_of, load, save_delta
+
+    base, processor = zoo_models("qwen3_vl_moe")
+    base.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    tuned = copy.deepcopy(base)
+    names = plan(tuned, "experts").trainable
+    with torch.no_grad():
+        for n, p in tuned.named_parameters():
+            if n in names:
+                p.add_(1.0)
+    save_delta(tuned, processor, tmp_path / "delta", tmp_path / "base", names, family_of_model(tuned))
+    assert family_of(tmp_path / "delta").layers == "model.language_model.layers"
+    loaded = dict(load(tmp_path / "delta")[0].named_parameters())
+    assert all(torch.equal(loaded[n], p) for n, p in tuned.named_parameters())

@@ -28,7 +28,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import moe_layer
-from .families import CheckpointError, Family, check_checkpoint_folder, family_of_checkpoint, get_family, is_image_text
+from .families import (
+    FAMILIES,
+    CheckpointError,
+    Family,
+    check_checkpoint_folder,
+    family_of_checkpoint,
+    is_image_text,
+)
 from .families.base import read_model_type
 
 DELTA_JSON = "delta.json"
@@ -139,7 +146,8 @@ def read_delta(path: str | os.PathLike) -> tuple[dict, Path]:
 def family_of(path: str | os.PathLike) -> Family:
     if is_delta(path):
         meta, base = read_delta(path)
-        return get_family(meta["family"]) if "family" in meta else family_of_checkpoint(base)
+        # an override by its name; a discovered family (named by its model type) is read from the base
+        return FAMILIES[meta["family"]] if meta.get("family") in FAMILIES else family_of_checkpoint(base)
     return family_of_checkpoint(path)
 
 

@@ -85,7 +85,7 @@ class Family:
         return out
 
     @classmethod
-    def from_discovered(cls, found, model_class_name: str, name: str | None = None) -> "Family":
+    def from_discovered(cls, found, model_class_name: str, name: str | None = None) -> Family:
         """A family whose part paths are what discover.discover found in a model."""
         return cls(name=name or found.model_type, model_types=(found.model_type,), model_class_name=model_class_name,
                    vision=found.vision, projector=found.projector, lm=found.decoder, layers=found.layers,

@@ -164,7 +164,7 @@ def _vision_and_projector(model: nn.Module, dec_path: str, lm_ends: set[str]) ->
 def layer_roles(layer: nn.Module) -> dict[str, str]:
     """Every parameter of one decoder layer (names relative to the layer) -> its role (a key of COMPONENTS)."""
     roles: dict[str, str] = {}
-    for name, p in layer.named_parameters(recurse=False):
+    for name, _ in layer.named_parameters(recurse=False):
         roles[name] = "xattn" if "cross_attn" in name else "layer.other"
     for child_name, child in layer.named_children():
         kind = _child_kind(child_name, child)

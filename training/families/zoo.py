@@ -10,8 +10,8 @@ pixels) and sets the token ids of a small BPE tokenizer with the family's image 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import torch
 
@@ -197,7 +197,7 @@ def _gemma3_processor(tok):
 def _internvl_processor(tok):
     from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
 
-    image = GotOcr2ImageProcessor(size={"height": IMAGE, "width": IMAGE}, crop_to_patches=False)
+    image = GotOcr2ImageProcessor(size={"height": IMAGE, "width": IMAGE}, crop_to_patches=False, max_patches=1)
     video = InternVLVideoProcessor(size={"height": IMAGE, "width": IMAGE})
     return InternVLProcessor(image_processor=image, tokenizer=tok, video_processor=video, image_seq_length=4,
                              chat_template=tok.chat_template)
