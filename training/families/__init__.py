@@ -1,7 +1,9 @@
-"""Model family adapters: one small file each, registered by name.
+"""Model families: part paths discovered from any model's module tree (discover.py), or stated by an
+override (one small file each, registered here by name) where discovery cannot read a model type.
 
-    family = get_family("qwen2_5_vl")          # by our name
-    family = family_of_checkpoint("/ckpt/dir")  # from config.json's model_type
+    family = get_family("qwen2_5_vl")          # an override by our name, or a model type of the tiny zoo
+    family = family_of_checkpoint("/ckpt/dir")  # from config.json's model_type: override, else discovered
+    family = family_of_model(model)             # override, else discovered from the model itself
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .qwen2_5_vl import FAMILY as QWEN2_5_VL
 FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2_5_VL, LLAVA_ONEVISION, LLAVA_NEXT)}
 
 __all__ = ["FAMILIES", "CheckpointError", "DiscoveryError", "Family", "check_checkpoint_folder",
-           "discovered_family", "family_of_checkpoint", "is_image_text", "family_of_model", "get_family"]
+           "discovered_family", "family_of_checkpoint", "family_of_model", "get_family", "is_image_text"]
 
 
 def get_family(name: str) -> Family:
@@ -40,13 +42,12 @@ def override_of_model_type(model_type: str) -> Family | None:
 _DISCOVERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def discovered_family(model: nn.Module, name: str | None = None) -> Family:
-    """A Family whose part paths come from the model's own module tree (training/families/discover.py)."""
-    if model in _DISCOVERED:
-        return _DISCOVERED[model]
-    fam = Family.from_discovered(discover(model), type(model).__name__, name)
-    _DISCOVERED[model] = fam
-    return fam
+def discovered_family(model: nn.Module) -> Family:
+    """A Family whose part paths come from the model's own module tree (training/families/discover.py);
+    remembered per model object, as probes ask for it often."""
+    if model not in _DISCOVERED:
+        _DISCOVERED[model] = Family.from_discovered(discover(model), type(model).__name__)
+    return _DISCOVERED[model]
 
 
 def family_of_checkpoint(path: str | os.PathLike) -> Family:
