@@ -17,8 +17,10 @@ import warnings
 
 import pandas as pd
 
+from probes.schemas import TableError
+
 from .metrics import accuracy_matrix
-from .tables import Run, TableError
+from .tables import Run
 
 CELLS = ("image-ID/text-ID", "image-ID/text-OOD", "image-OOD/text-ID", "image-OOD/text-OOD")
 COLUMNS = ["run", "recipe", "stage", "stage_name", "task", "cell", "n_benchmarks", "benchmarks", "change_prev",

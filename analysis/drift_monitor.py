@@ -20,20 +20,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from probes.schemas import MONITOR, TableError
+
 from .metrics import RunMetrics
 from .stats import correlate
-from .tables import Run, TableError, read_table
+from .tables import Run, read_table
 
-MONITOR_FILE, COST_FILE = "monitor.parquet", "monitor_cost.json"
-MONITOR_COLUMNS = ("run", "stage", "stage_name", "task", "step", "probe", "value", "std", "n_samples",
-                   "n_positions", "seconds", "lr_scale", "event", "dataset", "dataset_hash")   # = training.monitor.COLUMNS
+COST_FILE = "monitor_cost.json"
 
 
 def load_monitor(run: Run) -> pd.DataFrame | None:
-    path = Path(run.path) / MONITOR_FILE
+    path = Path(run.path) / MONITOR.file
     if not path.is_file():
         return None
-    t = read_table(path, MONITOR_COLUMNS)
+    t = read_table(path, MONITOR.columns)
     t["run"], t["recipe"] = run.label, run.recipe
     return t
 

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from probes.schemas import PROBES, TableError
+
 from . import drift_monitor, layers, signatures
 from .report import default_out
-from .tables import PROBE_COLUMNS, Run, TableError, expand_run_dirs, load_run, read_manifest, read_table
+from .tables import Run, expand_run_dirs, load_run, read_manifest, read_table
 
 MONITOR_PROBES = ("number_mass", "kl_to_base")
 LAYER_MEASURES = ("logit_l2", "number_logmass")
@@ -39,7 +41,7 @@ def load(dirs) -> list[Run]:
         if (d / "evals.parquet").is_file():
             runs.append(load_run(d, probes=False, label=label))
         else:
-            probes = read_table(d / "probes.parquet", PROBE_COLUMNS) if (d / "probes.parquet").is_file() else None
+            probes = read_table(d / PROBES.file, PROBES.columns) if (d / PROBES.file).is_file() else None
             runs.append(Run(label, d, read_manifest(d), None, probes))
     return runs
 

@@ -13,12 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .tables import TableError, read_table
+from probes.schemas import LAYERS, TableError
 
-LAYER_FILE = "layers.parquet"
-LAYER_COLUMNS = ("run", "stage", "stage_name", "task", "recipe", "checkpoint", "base", "layer", "component",
-                 "hook", "measure", "mean", "std", "ci_low", "ci_high", "n_samples", "n_positions", "dataset",
-                 "dataset_hash")   # = probes.layers.COLUMNS (a test keeps them equal)
+from .tables import read_table
+
 MEASURE_LABELS = {"logit_l2": "logit-space change (L2, centred)", "number_logit": "number-token logit change",
                   "number_logmass": "number-token log-mass change (linearised)", "resid_l2": "residual write change (L2)"}
 
@@ -27,14 +25,14 @@ def load_layers(run_dirs, labels=None) -> pd.DataFrame:
     """The layers.parquet tables of the runs that have one, with a `run` label per run directory."""
     frames = []
     for i, d in enumerate(run_dirs):
-        path = Path(d) / LAYER_FILE
+        path = Path(d) / LAYERS.file
         if not path.is_file():
             continue
-        t = read_table(path, LAYER_COLUMNS)
+        t = read_table(path, LAYERS.columns)
         t["run"] = labels[i] if labels else Path(d).name
         frames.append(t)
     if not frames:
-        return pd.DataFrame(columns=list(LAYER_COLUMNS))
+        return pd.DataFrame(columns=list(LAYERS.columns))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -13,7 +13,10 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from .tables import Run, TableError, names_task
+from probes.schemas import TableError
+from training.manifest import names_task
+
+from .tables import Run
 
 
 # --- the accuracy matrix ----------------------------------------------------------------------------
@@ -33,7 +36,7 @@ def accuracy_matrix(evals: pd.DataFrame, source: str = "evals.parquet") -> pd.Da
 
 def link_targets(target_benchmarks, stages: pd.DataFrame) -> dict[str, int]:
     """benchmark -> the stage that trains it: the first stage whose `task` equals the benchmark's name;
-    failing that, the first whose task it names by a suffix (tables.names_task: task "textvqa",
+    failing that, the first whose task it names by a suffix (training.manifest.names_task: task "textvqa",
     benchmark "textvqa_val"). Unlinked targets are left out of the target metrics with a warning."""
     trained = [(int(i), str(t)) for i, t in zip(stages["index"], stages["task"]) if i != 0 and t]
     linked, unlinked = {}, []

@@ -117,7 +117,7 @@ def safe_name(text: str) -> str:
 
 def write(an: Analysis, out: Path) -> list[Path]:
     """Write metrics.csv, correlations.csv, recovery.csv, summary.csv and figures/*.png under `out`."""
-    from . import figures  # matplotlib only when figures are drawn
+    from .figures import all_figures, close  # matplotlib only when figures are drawn
 
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
@@ -130,9 +130,9 @@ def write(an: Analysis, out: Path) -> list[Path]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # tight_layout chatter
         warnings.simplefilter("ignore", PendingDeprecationWarning)  # seaborn's own use of matplotlib
-        for name, fig in figures.all_figures(an):
+        for name, fig in all_figures(an):
             path = out / "figures" / f"{safe_name(name)}.png"
             fig.savefig(path, dpi=150, bbox_inches="tight")
-            figures.close(fig)
+            close(fig)
             written.append(path)
     return written

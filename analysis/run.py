@@ -13,9 +13,11 @@ import warnings
 
 import pandas as pd
 
+from probes.schemas import TableError
+
 from .cells import cell_summary
 from .report import analyze, default_out, write
-from .tables import TableError, expand_run_dirs, load_runs
+from .tables import expand_run_dirs, load_runs
 
 
 def _print_summary(an) -> None:

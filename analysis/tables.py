@@ -1,36 +1,18 @@
-"""Reading run directories: run.json, evals.parquet and probes.parquet, checked against the contracts
-in docs/design.md. Every problem is reported with the file it is in."""
+"""Reading run directories: run.json (training.manifest), evals.parquet and probes.parquet (probes.schemas),
+checked against the contracts in docs/design.md. Every problem is reported with the file it is in."""
 from __future__ import annotations
 
 import glob
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
 
-RUN_KEYS = ("family", "recipe", "base", "tasks", "config", "stages")
-STAGE_KEYS = ("index", "name", "task", "path")
-EVAL_COLUMNS = ("run", "stage", "stage_name", "task", "recipe", "checkpoint", "benchmark", "split",
-                "metric", "score", "n")
-PROBE_COLUMNS = ("run", "stage", "stage_name", "task", "recipe", "checkpoint", "probe", "mode", "mean",
-                 "std", "ci_low", "ci_high", "n_samples", "n_positions", "dataset", "dataset_hash")
-SPLITS = ("target", "heldout")
+from probes.schemas import EVALS, PROBES, SPLITS, TableError
+from training.manifest import STAGE_KEYS, ManifestError, read_full
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def names_task(benchmark: str, task: str) -> bool:
-    """Whether a benchmark name refers to a trained task: equal, or one is the other plus a suffix
-    after "_", "-", "." or " " (task "textvqa", benchmark "textvqa_val")."""
-    if not task or not benchmark:
-        return False
-    return benchmark == task or any(a.startswith(b) and a[len(b)] in "_-. "
-                                    for a, b in ((benchmark, task), (task, benchmark)) if len(a) > len(b))
-
-
-class TableError(ValueError):
-    """A run directory's file is missing or does not follow the contract; the message names the file."""
 
 
 @dataclass
@@ -57,24 +39,11 @@ class Run:
 
 
 def read_manifest(run_dir: Path) -> dict:
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
-        raise TableError(f"{path}: no such file (is {run_dir} a run directory?)")
+    """run.json with every key of the contract (training.manifest.read_full)."""
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise TableError(f"{path}: not valid JSON ({e})") from None
-    missing = [k for k in RUN_KEYS if k not in manifest]
-    if missing:
-        raise TableError(f"{path}: lacks keys {missing} (needs {list(RUN_KEYS)})")
-    stages = manifest["stages"]
-    for s in stages:
-        lacks = [k for k in STAGE_KEYS if k not in s]
-        if lacks:
-            raise TableError(f"{path}: stage {s} lacks keys {lacks}")
-    if [s["index"] for s in stages] != list(range(len(stages))):
-        raise TableError(f"{path}: stage indices are not 0..{len(stages) - 1} in order")
-    return manifest
+        return read_full(run_dir)
+    except ManifestError as e:
+        raise TableError(str(e)) from None
 
 
 def read_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
@@ -106,8 +75,8 @@ def load_run(run_dir: str | Path, probes: bool = True, label: str | None = None)
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     n_stages = len(manifest["stages"])
-    evals_path = run_dir / "evals.parquet"
-    evals = read_table(evals_path, EVAL_COLUMNS)
+    evals_path = run_dir / EVALS.file
+    evals = read_table(evals_path, EVALS.columns)
     evals["stage"] = evals["stage"].astype(int)
     evals["score"] = pd.to_numeric(evals["score"], errors="raise").astype(float)
     _check_rows(evals, evals_path, ["stage", "benchmark"], n_stages)
@@ -118,9 +87,9 @@ def load_run(run_dir: str | Path, probes: bool = True, label: str | None = None)
     if (mixed > 1).any():
         raise TableError(f"{evals_path}: benchmarks {list(mixed[mixed > 1].index)} are both target and heldout")
     probe_table = None
-    probes_path = run_dir / "probes.parquet"
+    probes_path = run_dir / PROBES.file
     if probes or probes_path.exists():
-        probe_table = read_table(probes_path, PROBE_COLUMNS)
+        probe_table = read_table(probes_path, PROBES.columns)
         probe_table["stage"] = probe_table["stage"].astype(int)
         _check_rows(probe_table, probes_path, ["stage", "probe", "mode"], n_stages)
     return Run(label or run_dir.name, run_dir, manifest, evals, probe_table)

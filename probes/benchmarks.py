@@ -2,11 +2,11 @@
 
 A benchmark is named, and its definition comes from (later sources override earlier ones):
 
-1. the run's world: run.json's `config.data` resolved by `training.data` exactly as training resolved it
-   (`data.root` with a world.json: every entry of its "tasks" that has a "test" file; its "scorer",
-   "chance" and optional "max_new_tokens"). A task of the run that `training.data.resolve_task` finds a
-   test file for (config `data.tasks.NAME.test`, or ROOT/tasks/NAME/test.json) is a benchmark too; its
-   scorer then comes from the world entry, else it must be registered below.
+1. the run's data, as training resolved it and recorded it in run.json's "benchmark_files"
+   (training.manifest; worked out from `config.data` for a run.json older than that key): with a world.json,
+   every entry of its "tasks" that has a "test" file (its "scorer", "chance" and optional
+   "max_new_tokens"); and every task of the run with a test file (config `data.tasks.NAME.test`, or
+   ROOT/tasks/NAME/test.json), its scorer from the world entry, else it must be registered below.
 2. registry files (`--registry PATH`, YAML or JSON), relative paths from the file's folder:
 
        benchmarks:                     # the top-level key is optional
@@ -23,7 +23,7 @@ it). References: the gpt turn, or a record's "answers" list (the ten VQA answers
 Every reference is checked by its scorer, and every image decoded, before any model runs; a bad record is
 an error with --strict, else skipped and counted (`load`).
 
-Split: `target` when the benchmark names a task the run trains (analysis.tables.names_task: equal, or one
+Split: `target` when the benchmark names a task the run trains (training.manifest.names_task: equal, or one
 is the other plus a suffix after "_", "-", "." or " "), else `heldout`; a registry or --split value wins.
 """
 from __future__ import annotations
@@ -33,10 +33,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analysis.tables import SPLITS, names_task
-from training.data import DataError, record_turns, resolve_root, resolve_task
+from training.manifest import SPLITS, ManifestError, benchmark_files, names_task
+from training.records import BadLine, DataError, Sample, is_utf8, read_records, record_turns, resolve_image
 
-from .captions import BadLine, CaptionDataError, Sample, _is_utf8, _resolve_image, read_records
 from .scorers import SCORERS, get_scorer
 
 DEFAULT_MAX_NEW_TOKENS = 16      # benchmark answers are short: a letter, a number, a word, a time
@@ -142,31 +141,14 @@ def from_cli(files: Iterable[str], images: str | None = None, scorer: str | None
 
 
 def from_world(manifest: dict) -> dict[str, Benchmark]:
-    """The benchmarks of a run's data (see the module docstring); {} for a run without config.data."""
-    data_cfg = ((manifest.get("config") or {}).get("data")) or {}
-    if not data_cfg.get("root") and not data_cfg.get("tasks"):
-        return {}
+    """The benchmarks of a run's data as training resolved them (run.json "benchmark_files"; see the module
+    docstring); {} for a run without config.data."""
     try:
-        dr = resolve_root(data_cfg)
-    except (DataError, ImportError) as e:
-        raise BenchmarkError(f"the run's data (config data.root {data_cfg.get('root')!r}) cannot be resolved: "
-                             f"{e}") from None
-    out: dict[str, Benchmark] = {}
-    entries = (dr.world or {}).get("tasks") or {}
-    where = f"{dr.root / 'world.json'}" if dr.world is not None else "the run's config.data"
-    for name, e in entries.items():
-        if isinstance(e, dict) and e.get("test"):
-            out[name] = Benchmark(name, dr.path(e["test"]), dr.path(dr.world.get("images")), e.get("scorer"),
-                                  None, e.get("max_new_tokens"), e.get("chance"), where)
-    for task in manifest.get("tasks") or []:       # the run's own tasks, with config overrides applied
-        try:
-            tf = resolve_task(task, data_cfg, dr)
-        except DataError:
-            continue                                # its training file moved: the world entry still stands
-        if tf.test is not None and tf.test.is_file():
-            e = entries.get(task) or {}
-            out[task] = Benchmark(task, tf.test, tf.images, e.get("scorer"), None, e.get("max_new_tokens"),
-                                  e.get("chance"), where)
+        files = benchmark_files(manifest)
+    except ManifestError as e:
+        raise BenchmarkError(str(e)) from None
+    out = {name: Benchmark(name, Path(e["test"]), Path(e["images"]) if e["images"] else None, e["scorer"],
+                           e["split"], e["max_new_tokens"], e["chance"], e["source"]) for name, e in files.items()}
     for b in out.values():
         _check_definition(b)
     return out
@@ -231,7 +213,7 @@ def load(bench: Benchmark, limit: int | None = None, strict: bool = True) -> Ben
         raise BenchmarkError(f"{where}: test file does not exist (defined in {bench.source})")
     try:
         records = read_records(bench.test)
-    except CaptionDataError as e:
+    except DataError as e:
         raise BenchmarkError(f"benchmark {bench.name!r}: {e}") from None
     if not records:
         raise BenchmarkError(f"{where}: no records")
@@ -246,7 +228,7 @@ def load(bench: Benchmark, limit: int | None = None, strict: bool = True) -> Ben
         try:
             data.items += _record_items(bench, r, i, root, score)
             good += 1
-        except (BenchmarkError, DataError, CaptionDataError) as e:
+        except (BenchmarkError, DataError) as e:
             msg = str(e)
             bad.append(msg if msg.startswith("benchmark ") else f"benchmark {bench.name!r}: {msg}")
     if bad and strict:
@@ -275,14 +257,14 @@ def _record_items(bench: Benchmark, r, i: int, root: Path, score) -> list[Item]:
     texts = [rid, *(t for turn in turns for t in turn), *(a for a in answers or [] if isinstance(a, str))]
     if isinstance(r.get("image"), str):
         texts.append(r["image"])
-    if not all(_is_utf8(t) for t in texts):
+    if not all(is_utf8(t) for t in texts):
         raise BenchmarkError(f"{where}: record {rid!r} has text that is not valid UTF-8")
     image = None
     if r.get("image"):
-        image = _resolve_image(r["image"], root, rid, str(bench.test))
+        image = resolve_image(r["image"], root, rid, str(bench.test))
         try:
             Sample(rid, "", None, image).open_image()     # decodes it: an unreadable image is found now
-        except CaptionDataError as e:
+        except DataError as e:
             raise BenchmarkError(f"{where}: record {rid!r}: cannot read image {r['image']!r} ({e.__cause__})") from None
     items = []
     for t, (instruction, answer) in enumerate(turns):

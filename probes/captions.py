@@ -1,4 +1,5 @@
-"""Caption data for the probes: (image, instruction, caption) samples from local files.
+"""Caption data for the probes: (image, instruction, caption) samples from local files, read by the shared
+layer's record reader (training.records); this module selects, checks and hashes them.
 
 Formats (chosen by what the path is):
 - LLaVA / LCS-558K JSON: a list of {"id", "image": path relative to the images root, "conversations":
@@ -27,69 +28,15 @@ A file that cannot be parsed at all (a JSON list with a syntax error, a corrupt 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-IMAGE_TOKEN = "<image>"
+from training.records import DataError as CaptionDataError  # the records' one error, under probes' old name
+from training.records import Sample, caption_fields, image_ref, read_records, resolve_image
+
 DEFAULT_NUM_SAMPLES = 1000  # the study's probe set: the first 1,000 LCS-558K records
-INSTRUCTION_KEYS = ("instruction", "prompt", "question")
-CAPTION_KEYS = ("caption", "answer", "text")
-
-
-class CaptionDataError(ValueError):
-    """Bad caption data; the message names the file and, where there is one, the record."""
-
-
-@dataclass(frozen=True)
-class BadLine:
-    """A JSONL line that is not UTF-8 or not JSON: one bad record, kept in its place."""
-    reason: str
-
-
-@dataclass(frozen=True)
-class Sample:
-    id: str
-    instruction: str
-    caption: str | None           # None for prompts that are only generated from (evaluation)
-    image: Any = None             # absolute path (str), encoded bytes, a PIL image, or None (text only)
-    image_ref: str = ""           # what the subset hash records: the path as the data wrote it, or a digest
-
-    def open_image(self):
-        """The image as RGB PIL; errors name the sample and the file."""
-        from PIL import Image, UnidentifiedImageError
-
-        if self.image is None:
-            return None
-        if hasattr(self.image, "convert"):
-            return self.image.convert("RGB")
-        try:
-            src = io.BytesIO(self.image) if isinstance(self.image, bytes) else self.image
-            with Image.open(src) as im:
-                return im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            where = "its embedded bytes" if isinstance(self.image, bytes) else self.image
-            raise CaptionDataError(f"sample {self.id!r}: cannot read image {where} ({e})") from e
-
-    def image_size(self) -> tuple[int, int] | None:
-        """(height, width) read from the image header only (for length estimates)."""
-        from PIL import Image
-
-        if self.image is None:
-            return None
-        if hasattr(self.image, "size"):
-            w, h = self.image.size
-            return h, w
-        try:
-            with Image.open(io.BytesIO(self.image) if isinstance(self.image, bytes) else self.image) as im:
-                w, h = im.size
-                return h, w
-        except Exception:  # unreadable: open_image raises the clear error later; sort it as size 0
-            return 0, 0
 
 
 @dataclass(frozen=True)
@@ -115,160 +62,6 @@ def subset_hash(samples: list[Sample]) -> str:
         for part in (s.id, s.image_ref, s.instruction, s.caption or ""):
             h.update(part.encode("utf-8", "surrogatepass") + b"\0")
     return h.hexdigest()[:16]
-
-
-# -- reading records -------------------------------------------------------------------------------
-def _read_json(path: Path) -> list[dict]:
-    try:   # bytes that are not UTF-8 become lone surrogates: only the records holding them are bad
-        data = json.loads(path.read_bytes().decode("utf-8", "surrogateescape"))
-    except json.JSONDecodeError as e:
-        raise CaptionDataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
-    except OSError as e:
-        raise CaptionDataError(f"{path}: cannot read ({e})") from e
-    if isinstance(data, dict):  # {"data": [...]} or {"annotations": [...]}
-        lists = [v for v in data.values() if isinstance(v, list)]
-        data = lists[0] if len(lists) == 1 else data
-    if not isinstance(data, list):
-        raise CaptionDataError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
-    return data
-
-
-def _read_jsonl(path: Path) -> list:
-    """One record per non-blank line; a line that is not UTF-8 or not JSON is a BadLine in its place."""
-    out: list = []
-    try:
-        lines = path.read_bytes().splitlines()
-    except OSError as e:
-        raise CaptionDataError(f"{path}: cannot read ({e})") from e
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            out.append(json.loads(raw.decode("utf-8")))
-        except UnicodeDecodeError as e:
-            out.append(BadLine(f"line {n} is not valid UTF-8 (byte {e.start})"))
-        except json.JSONDecodeError as e:
-            out.append(BadLine(f"malformed JSON on line {n} column {e.colno}: {e.msg}"))
-    return out
-
-
-def _read_table(path: Path) -> list[dict]:
-    try:
-        if path.is_file():
-            import pandas as pd
-            return pd.read_parquet(path).to_dict("records")
-        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
-            import datasets
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-            return list(ds)
-        files = sorted(path.rglob("*.parquet"))
-        if files:
-            import pandas as pd
-            return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True).to_dict("records")
-    except CaptionDataError:
-        raise
-    except Exception as e:  # pyarrow / datasets raise many types for a corrupt file
-        raise CaptionDataError(f"{path}: cannot read as parquet or a Hugging Face dataset ({e})") from e
-    raise CaptionDataError(f"{path}: a folder with no dataset_info.json / state.json (save_to_disk) "
-                           "and no *.parquet files")
-
-
-def read_records(path: str | os.PathLike) -> list[dict]:
-    p = Path(path)
-    if not p.exists():
-        raise CaptionDataError(f"{p}: caption file or folder does not exist")
-    if p.is_dir() or p.suffix == ".parquet":
-        return _read_table(p)
-    if p.suffix == ".jsonl":
-        return _read_jsonl(p)
-    return _read_json(p)
-
-
-def _first(rec: dict, keys: tuple[str, ...]):
-    for k in keys:
-        if rec.get(k) is not None:
-            return rec[k]
-    return None
-
-
-def _parse(rec: Any, index: int, where: str) -> tuple[str, str, str, Any]:
-    """(id, instruction, caption, image field) from one record in either shape."""
-    if isinstance(rec, BadLine):
-        raise CaptionDataError(f"{where}: {rec.reason}")
-    if not isinstance(rec, dict):
-        raise CaptionDataError(f"{where}: record {index} is a {type(rec).__name__}, not an object")
-    rid = str(rec.get("id", index))
-    conv = rec.get("conversations")
-    if conv is not None:
-        try:
-            human = next(t["value"] for t in conv if t.get("from") in ("human", "user"))
-            gpt = next(t["value"] for t in conv if t.get("from") in ("gpt", "assistant"))
-        except (StopIteration, TypeError, KeyError, AttributeError):
-            raise CaptionDataError(f"{where}: record {rid!r} needs a human and a gpt turn in 'conversations'") \
-                from None
-        instruction, caption = human.replace(IMAGE_TOKEN, "").strip(), gpt
-    else:
-        instruction, caption = _first(rec, INSTRUCTION_KEYS), _first(rec, CAPTION_KEYS)
-        if instruction is None:
-            raise CaptionDataError(f"{where}: record {rid!r} has no instruction (expected 'conversations' or "
-                                   f"one of {', '.join(INSTRUCTION_KEYS)})")
-    if not isinstance(caption, str) or not caption.strip():
-        raise CaptionDataError(f"{where}: record {rid!r} has an empty caption")
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise CaptionDataError(f"{where}: record {rid!r} has an empty instruction")
-    image = rec.get("image")
-    for text in (rid, instruction, caption, image if isinstance(image, str) else ""):
-        if not _is_utf8(text):
-            raise CaptionDataError(f"{where}: record {rid!r} has text that is not valid UTF-8")
-    return rid, instruction.strip(), caption.strip(), image
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")        # lone surrogates (undecodable bytes, or a "\udc80" escape) fail here
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _image_ref(field: Any) -> str:
-    """The image's identity independent of where the data set lies: its relative path or a content digest."""
-    if isinstance(field, dict):
-        field = field.get("bytes") or field.get("path")
-    if isinstance(field, (bytes, bytearray)):
-        return "sha256:" + hashlib.sha256(field).hexdigest()[:16]
-    if hasattr(field, "tobytes"):
-        return "sha256:" + hashlib.sha256(field.tobytes()).hexdigest()[:16]
-    return str(field or "")
-
-
-def _resolve_image(field: Any, root: Path, rid: str, where: str) -> Any:
-    if field is None:
-        raise CaptionDataError(f"{where}: record {rid!r} has no image")
-    if isinstance(field, dict):  # the HF Image feature as stored in parquet
-        if field.get("bytes"):
-            return bytes(field["bytes"])
-        field = field.get("path")
-        if not field:
-            raise CaptionDataError(f"{where}: record {rid!r} has an image with neither bytes nor path")
-    if hasattr(field, "convert"):
-        return field
-    if isinstance(field, (bytes, bytearray)):
-        return bytes(field)
-    if not isinstance(field, str):
-        raise CaptionDataError(f"{where}: record {rid!r} has an image of type {type(field).__name__}")
-    rel = Path(field)
-    if rel.is_absolute() or ".." in rel.parts:
-        raise CaptionDataError(f"{where}: record {rid!r}: image path {field!r} must be relative to the images "
-                               f"root {root} and stay inside it")
-    full = (root / rel).resolve()
-    if not full.is_relative_to(root.resolve()):  # a symlink out of the root
-        raise CaptionDataError(f"{where}: record {rid!r}: image {field!r} resolves outside the images root {root}")
-    if not full.is_file():
-        raise CaptionDataError(f"{where}: record {rid!r}: image file {root / rel} does not exist")
-    return str(full)
 
 
 def load_captions(path: str | os.PathLike, images: str | os.PathLike | None = None,
@@ -299,10 +92,10 @@ def load_captions(path: str | os.PathLike, images: str | os.PathLike | None = No
     seen: set[str] = set()
 
     def check(i: int) -> Sample:
-        rid, instruction, caption, field = _parse(records[i], i, where)
+        rid, instruction, caption, field = caption_fields(records[i], i, where)
         if rid in seen:
             raise CaptionDataError(f"{where}: record id {rid!r} appears twice among the selected records")
-        s = Sample(rid, instruction, caption, _resolve_image(field, root, rid, where), _image_ref(field))
+        s = Sample(rid, instruction, caption, resolve_image(field, root, rid, where), image_ref(field))
         try:
             s.open_image()      # decodes it: an unreadable image is found now, not inside a checkpoint's run
         except CaptionDataError as e:

@@ -7,15 +7,13 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.checkpoints import is_stage
-
-RUN_JSON = "run.json"
+from training.manifest import RUN_JSON, ManifestError, read_stages, run_captions
 
 
 class DiscoveryError(ValueError):
@@ -46,30 +44,17 @@ def natural_key(name: str) -> list:
 
 
 def _from_run_json(root: Path) -> RunDir:
-    f = root / RUN_JSON
     try:
-        man = json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DiscoveryError(f"{f}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
-    except OSError as e:
-        raise DiscoveryError(f"{f}: cannot read ({e})") from e
-    stages = man.get("stages") if isinstance(man, dict) else None
-    if not isinstance(stages, list) or not stages:
-        raise DiscoveryError(f"{f}: needs a non-empty 'stages' list of {{index, name, task, path}}")
+        man = read_stages(root)
+    except ManifestError as e:
+        raise DiscoveryError(str(e)) from None
     cks = []
-    for i, s in enumerate(stages):
-        if not isinstance(s, dict) or not {"index", "name", "path"} <= set(s):
-            raise DiscoveryError(f"{f}: stage {i} needs 'index', 'name' and 'path'")
+    for s in man["stages"]:
         rel = str(s["path"])
         p = Path(rel) if Path(rel).is_absolute() else root / rel
         cks.append(Checkpoint(int(s["index"]), str(s["name"]), s.get("task"), p, rel))
-    caps = man.get("captions")
-    if isinstance(caps, dict) and caps.get("path"):
-        caps = {k: (str(root / v) if k in ("path", "images") and v and not Path(v).is_absolute() else v)
-                for k, v in caps.items()}
-    else:
-        caps = None
-    return RunDir(root, str(man.get("name") or root.name), man.get("recipe"), cks, caps, man)
+    return RunDir(root, str(man.get("name") or root.name), man.get("recipe"), cks,
+                  run_captions(man, root), man)
 
 
 def discover(ckpt_dir: str | os.PathLike) -> RunDir:

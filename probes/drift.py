@@ -25,15 +25,12 @@ projection is kept.
     per_sample = teacher_forced(Engine(ckpt_model, processor), ref, samples, batches)
     per_sample[0]["kl_to_base"], per_sample[0]["top1_agreement"], per_sample[0]["number_mass"]
 
-`CaptionProbe` runs these probes on a small fixed caption set for a model that is being trained (the
-drift monitor of `training.run`), without touching the training RNG or leaving the model in eval mode.
+probes.monitor runs these probes on a small fixed caption set for a model that is being trained (the
+drift monitor of `training.run`).
 """
 from __future__ import annotations
 
-import time
-import weakref
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -156,101 +153,3 @@ def teacher_forced(eng: Engine, ref: BaseReference, samples: Sequence[Sample], b
         bar.update()
     bar.close()
     return out
-
-
-# -- the drift monitor's probe: a model being trained, a small fixed caption set ----------------------
-def unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a PEFT wrapper (its adapters stay active in the forward)."""
-    import sys
-
-    peft = sys.modules.get("peft")
-    if peft is not None and isinstance(model, peft.PeftModel):
-        return model.get_base_model()
-    return model
-
-
-class CaptionProbe:
-    """Probes of an in-memory model on a fixed caption set: token-set masses (number, task signatures),
-    entropy and, given a base model, kl_to_base / top1_agreement. Deterministic and free of side effects:
-    the model's train/eval mode is restored and no random number generator is consumed (the training run
-    that calls it stays bitwise the same)."""
-
-    def __init__(self, processor, samples: Sequence[Sample], set_ids: dict[str, list[int]], *,
-                 batch_size: int = 16, base_model: nn.Module | None = None):
-        if not samples:
-            raise DriftError("the monitor's caption set is empty")
-        self.processor, self.samples, self.set_ids = processor, list(samples), dict(set_ids)
-        self.cache = EncodeCache()
-        self.batch_size = batch_size
-        self.batches: list[list[int]] | None = None
-        self.ref = None
-        self._eng = None
-        if base_model is not None:
-            with self._quiet(base_model):
-                self.ref = BaseReference(base_model, processor, encode_cache=self.cache)
-                self.batches = self.ref.engine.plan(self.samples, batch_size, True)
-                for idx in self.batches:                # cache every batch, then let the base model go
-                    self.ref.rows(self.samples, idx)
-                if not self.ref.release_model():
-                    raise DriftError("the monitor's base hidden states do not fit the cache; use fewer captions")
-
-    @property
-    def probe_names(self) -> list[str]:
-        from .stats import probe_names
-
-        return probe_names(self.set_ids) + (list(DRIFT_PROBES) if self.ref is not None else [])
-
-    class _quiet:
-        """eval mode, no grad, a forked RNG; restores the model's mode on exit."""
-
-        def __init__(self, model: nn.Module):
-            self.model, self.was_training = model, model.training
-            devices = [model.device] if getattr(model, "device", torch.device("cpu")).type == "cuda" else []
-            self.rng = torch.random.fork_rng(devices=devices)
-
-        def __enter__(self):
-            self.rng.__enter__()
-            self.model.eval()
-            return self
-
-        def __exit__(self, *exc):
-            self.model.train(self.was_training)
-            return self.rng.__exit__(*exc)
-
-    def engine(self, model: nn.Module) -> Engine:
-        """One engine per model object (it reads the live weights), held by a weak reference so that a
-        finished stage's model is not kept alive."""
-        if self._eng is None or self._eng[0]() is not model:
-            self._eng = (weakref.ref(model), Engine(model, self.processor, set_ids=self.set_ids, encode_cache=self.cache))
-        return self._eng[1]
-
-    def __call__(self, model: nn.Module) -> tuple[dict[str, dict], float]:
-        """({probe: {"mean", "std", "n_samples", "n_positions"}}, seconds)."""
-        from .table import summarize
-
-        model = unwrap(model)
-        start = time.perf_counter()
-        with self._quiet(model):
-            eng = self.engine(model)
-            model.eval()                                 # Engine() sets eval too; _quiet restores the mode
-            if self.batches is None:
-                self.batches = eng.plan(self.samples, self.batch_size, True)
-            if self.ref is not None:
-                per = teacher_forced(eng, self.ref, self.samples, self.batches)
-            else:
-                per = eng.teacher_forced(self.samples, batches=self.batches)
-        seconds = time.perf_counter() - start
-        ordered = [per[i] for i in range(len(self.samples))]
-        n_pos = int(sum(v["n_positions"] for v in ordered))
-        out = {}
-        for p in self.probe_names:
-            s = summarize(v[p] for v in ordered)
-            out[p] = {"mean": s["mean"], "std": s["std"], "n_samples": s["n_samples"], "n_positions": n_pos}
-        return out, seconds
-
-
-def same_path(a, b) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except OSError:
-        return False

@@ -14,39 +14,48 @@ benchmark): run, stage, stage_name, task, recipe, checkpoint, benchmark, split, 
 (0-100), n (items scored). Rows already in the table for the same checkpoint, metric, split and n are skipped, so
 a rerun continues; a row is written after every benchmark (atomically, under the table's lock). A
 checkpoint that fails is reported and the others still run; the exit status is then 1 (2: bad input).
+The driver (processes, lock, resume, failures) is probes.sweep's.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import json
 import os
 import sys
 import tempfile
-import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
 from training.checkpoints import load
-from training.families import CheckpointError
 
 from . import benchmarks as B
 from . import table
 from .batching import EncodeCache
-from .captions import CaptionDataError
-from .cli import add_loading_arguments, load_options
-from .discover import DiscoveryError, RunDir, discover
+from .cli import add_loading_arguments
+from .discover import RunDir
 from .engine import Engine
-from .run import broadcast, gather, init_distributed
 from .scorers import SCORERS, get_scorer
+from .sweep import Command, SweepOptions, sweep
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+@dataclass(frozen=True, kw_only=True)
+class EvaluateOptions(SweepOptions):
+    benchmarks: list[str] | None = None       # names (default: run.json's, then every local one)
+    benchmark_file: list[str] | None = None   # NAME=PATH local benchmarks
+    images: str | None = None                 # their images root
+    scorer: str | None = None                 # their scorer
+    split: str | None = None                  # their split
+    registry: list[str] | None = None         # YAML/JSON benchmark registries
+    limit: int | None = None
+    max_new_tokens: int | None = None
+    batch_size: int = 32
+    padding_side: str = "left"
+    save_predictions: bool = False
+
+
+def parse_args(argv=None) -> EvaluateOptions:
     ap = argparse.ArgumentParser(prog="python -m probes.evaluate", description=__doc__.split("\n")[0],
                                  epilog=__doc__.split("\n", 1)[1] + "\nBenchmark sources: probes/benchmarks.py; "
                                  "docs/probes.md", formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,51 +90,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         v = getattr(args, flag)
         if v is not None and v < 1:
             ap.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.benchmarks:
-        args.benchmarks = list(dict.fromkeys(n.strip() for s in args.benchmarks for n in s.split(",") if n.strip()))
-    return args
+    names = args.benchmarks and list(dict.fromkeys(n.strip() for s in args.benchmarks for n in s.split(",")
+                                                   if n.strip()))
+    return EvaluateOptions.from_args(args, benchmarks=names)
 
 
 # -- planning --------------------------------------------------------------------------------------
-def load_benchmarks(args, run: RunDir) -> list[B.BenchmarkData]:
+def load_benchmarks(opts: EvaluateOptions, run: RunDir) -> list[B.BenchmarkData]:
     local: dict[str, B.Benchmark] = {}
-    for f in args.registry or []:
+    for f in opts.registry or []:
         local |= B.from_registry_file(f)
-    local |= B.from_cli(args.benchmark_file, args.images, args.scorer, args.split)
+    local |= B.from_cli(opts.benchmark_file, opts.images, opts.scorer, opts.split)
     tasks = B.run_tasks(run.manifest)
     out = []
-    for b in B.resolve(args.benchmarks, run.manifest, local):
+    for b in B.resolve(opts.benchmarks, run.manifest, local):
         b = replace(b, split=B.split_of(b, tasks),
-                    max_new_tokens=args.max_new_tokens or b.max_new_tokens or B.DEFAULT_MAX_NEW_TOKENS)
-        out.append(B.load(b, args.limit, strict=args.strict))
+                    max_new_tokens=opts.max_new_tokens or b.max_new_tokens or B.DEFAULT_MAX_NEW_TOKENS)
+        out.append(B.load(b, opts.limit, strict=opts.strict))
     return out
-
-
-def plan_work(args, run: RunDir, data: list[B.BenchmarkData], out_path: Path) -> list[tuple[list[int], str | None]]:
-    """Per checkpoint: the indices of the benchmarks still to score, and a clash that stops it (rank 0)."""
-    df = table.read_evals(out_path)
-    plan = []
-    for ck in run.checkpoints:
-        need, clash = [], None
-        for j, d in enumerate(data):
-            sel = df[(df["stage"] == ck.stage) & (df["benchmark"] == d.bench.name)] if len(df) else df
-            if not len(sel):
-                need.append(j)
-                continue
-            r = sel.iloc[0]
-            same = (r["checkpoint"] == ck.rel and r["metric"] == d.bench.scorer and r["split"] == d.bench.split
-                    and not pd.isna(r["n"]) and int(r["n"]) == len(d.items))
-            if same:
-                continue
-            if not args.replace:
-                clash = (f"{out_path} already has stage {ck.stage} / {d.bench.name} scored on {r['n']} items with "
-                         f"{r['metric']} ({r['split']}) for checkpoint {r['checkpoint']}; this run scores "
-                         f"{len(d.items)} items with {d.bench.scorer} ({d.bench.split}) for {ck.rel}. Use --out for "
-                         "a separate table, or --replace")
-                break
-            need.append(j)
-        plan.append((need, clash))
-    return plan
 
 
 # -- scoring ---------------------------------------------------------------------------------------
@@ -137,14 +119,6 @@ def score_predictions(d: B.BenchmarkData, predictions: dict[int, str]) -> tuple[
     scorer = get_scorer(d.bench.scorer)
     per_item = [float(scorer(predictions[i], it.references)) for i, it in enumerate(d.items)]
     return 100.0 * sum(per_item) / len(per_item), per_item
-
-
-def generate(eng: Engine, d: B.BenchmarkData, args, rank: int, world: int) -> dict[int, str]:
-    """This rank's share: whole batches of the length-sorted plan, every world-th one."""
-    mine = eng.plan(d.samples, args.batch_size, False)[rank::world]
-    gens = eng.generate(d.samples, max_new_tokens=d.bench.max_new_tokens, batches=mine,
-                        padding_side=args.padding_side, progress=rank == 0)
-    return {g.index: g.text.strip() for g in gens}
 
 
 def save_predictions(root: Path, ck, d: B.BenchmarkData, predictions: dict[int, str], per_item: list[float]) -> Path:
@@ -166,118 +140,88 @@ def row_for(run: RunDir, ck, d: B.BenchmarkData, score: float) -> dict:
             "score": score, "n": len(d.items)}
 
 
+class Evaluate(Command):
+    """Per checkpoint, one unit per benchmark still to score: its answers generated in shares, scored and written."""
+    prog, table_file, unit_desc = "probes.evaluate", "evals.parquet", "benchmarks"
+    input_errors = (*Command.input_errors, B.BenchmarkError)
+    known_errors = (*Command.known_errors, B.BenchmarkError)
+
+    def setup(self, run, out, procs) -> None:
+        super().setup(run, out, procs)
+        self.data = load_benchmarks(self.opts, run)
+        self.cache = EncodeCache()          # the checkpoints share a processor: encode each prompt once
+
+    def plan(self, checkpoints, out) -> list[tuple[list[int], str | None]]:
+        """Per checkpoint: the indices of the benchmarks still to score, and a clash that stops it."""
+        df = table.read_evals(out)
+        plan = []
+        for ck in checkpoints:
+            need, clash = [], None
+            for j, d in enumerate(self.data):
+                sel = df[(df["stage"] == ck.stage) & (df["benchmark"] == d.bench.name)] if len(df) else df
+                if not len(sel):
+                    need.append(j)
+                    continue
+                r = sel.iloc[0]
+                same = (r["checkpoint"] == ck.rel and r["metric"] == d.bench.scorer and r["split"] == d.bench.split
+                        and not pd.isna(r["n"]) and int(r["n"]) == len(d.items))
+                if same:
+                    continue
+                if not self.opts.replace:
+                    clash = (f"{out} already has stage {ck.stage} / {d.bench.name} scored on {r['n']} items with "
+                             f"{r['metric']} ({r['split']}) for checkpoint {r['checkpoint']}; this run scores "
+                             f"{len(d.items)} items with {d.bench.scorer} ({d.bench.split}) for {ck.rel}. Use --out "
+                             "for a separate table, or --replace")
+                    break
+                need.append(j)
+            plan.append((need, clash))
+        return plan
+
+    def header(self) -> list[str]:
+        o = self.opts.load
+        lines = [f"probes.evaluate: {len(self.run.checkpoints)} checkpoint(s) in {self.run.root}; {self.procs.world} "
+                 f"process(es); {o.device} {o.dtype} -> {self.out}"]
+        return lines + [f"  {b.name}: {b.split}, {b.scorer}, {len(d.items)} items, max {b.max_new_tokens} new tokens "
+                        f"({b.test})" for d in self.data for b in [d.bench]]
+
+    def warnings(self) -> list[str]:
+        return [f"{d.bench.name}: skipped {d.n_skipped} bad record(s) (--strict makes this an error); the first: "
+                f"{d.first_skipped}" for d in self.data if d.n_skipped]
+
+    def open(self, ck) -> Engine:
+        model, processor = load(ck.path, self.opts.load)
+        return Engine(model, processor, token_sets=(), encode_cache=self.cache)
+
+    def compute(self, eng: Engine, ck, j: int) -> dict[int, str]:
+        """This rank's share: whole batches of the length-sorted plan, every world-th one."""
+        d = self.data[j]
+        mine = self.procs.share(eng.plan(d.samples, self.opts.batch_size, False))
+        gens = eng.generate(d.samples, max_new_tokens=d.bench.max_new_tokens, batches=mine,
+                            padding_side=self.opts.padding_side, progress=self.procs.main)
+        return {g.index: g.text.strip() for g in gens}
+
+    def label(self, j: int) -> str:
+        return self.data[j].bench.name
+
+    def rows(self, ck, j: int, shares: list[dict[int, str]]) -> list[dict]:
+        """The benchmark's row (and, with --save-predictions, its answers and their scores)."""
+        d, preds = self.data[j], {}
+        for s in shares:
+            preds.update(s)
+        score, per_item = score_predictions(d, preds)
+        if self.opts.save_predictions:
+            save_predictions(self.run.root, ck, d, preds, per_item)
+        return [row_for(self.run, ck, d, score)]
+
+    def append(self, out, rows) -> None:
+        table.append_evals(out, rows)
+
+    def summary(self, status) -> None:
+        print_summary(self.run, self.out, self.data, status)
+
+
 def main(argv=None) -> int:
-    with contextlib.ExitStack() as held:      # the run lock on the table, released however main ends
-        return _main(argv, held)
-
-
-def _main(argv, held: contextlib.ExitStack) -> int:
-    args = parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    rank, world = init_distributed()
-    say = print if rank == 0 else (lambda *a, **k: None)
-    plan = error = None
-    try:                      # every rank reads the same inputs and fails alike; only rank 0 reads the table
-        run = discover(args.ckpt_dir)
-        data = load_benchmarks(args, run)
-        out_path = Path(args.out) if args.out else run.root / "evals.parquet"
-        if rank == 0:
-            held.enter_context(table.RunLock(out_path, "probes.evaluate"))   # a second command on this table is refused
-            plan = plan_work(args, run, data, out_path)
-    except (DiscoveryError, B.BenchmarkError, CaptionDataError, table.TableError) as e:
-        error = str(e)
-    plan, error = broadcast((plan, error) if rank == 0 else None, rank, world)
-    if error is not None:
-        if rank == 0:
-            print(f"probes.evaluate: error: {error}", file=sys.stderr)
-        return 2
-    opts = load_options(args)
-    say(f"probes.evaluate: {len(run.checkpoints)} checkpoint(s) in {run.root}; {world} process(es); {opts.device} {opts.dtype} "
-        f"-> {out_path}")
-    for d in data:
-        b = d.bench
-        say(f"  {b.name}: {b.split}, {b.scorer}, {len(d.items)} items, max {b.max_new_tokens} new tokens ({b.test})")
-    skipped = [f"{d.bench.name}: skipped {d.n_skipped} bad record(s) (--strict makes this an error); the first: "
-               f"{d.first_skipped}" for d in data if d.n_skipped]
-    for line in skipped if rank == 0 else []:
-        print(f"probes.evaluate: warning: {line}", file=sys.stderr)
-
-    status: dict[int, str] = {}
-    cache = EncodeCache()          # the checkpoints share a processor: encode each prompt once
-    for ck, (need, clash) in tqdm(list(zip(run.checkpoints, plan)), desc="checkpoints", unit="ckpt",
-                                  disable=rank != 0):
-        if clash:
-            status[ck.stage] = f"FAILED: {clash}"
-            continue
-        if not need:
-            status[ck.stage] = "skipped (already in the table)"
-            continue
-        model = eng = load_error = None
-        try:
-            model, processor = load(ck.path, opts)
-            eng = Engine(model, processor, token_sets=(), encode_cache=cache)
-        except Exception as e:  # noqa: BLE001 (reported with the checkpoint; the others still run)
-            load_error = _describe(e)
-        # every rank learns whether any rank could not load it, so all skip its benchmarks alike
-        load_errors = gather(load_error, rank, world)
-        load_error = broadcast(next((f"rank {r}: {m}" if world > 1 else m for r, m in enumerate(load_errors)
-                                     if m is not None), None) if rank == 0 else None, rank, world)
-        failures = [load_error] if load_error is not None else []
-        for j in ([] if load_error else tqdm(need, desc=f"stage {ck.stage} benchmarks", unit="bench", leave=False,
-                                             disable=rank != 0)):
-            d = data[j]
-            payload: dict = {}
-            try:
-                payload["pred"] = generate(eng, d, args, rank, world)
-            except Exception as e:  # noqa: BLE001
-                payload["error"] = _describe(e)
-            parts = gather(payload, rank, world)
-            if rank != 0:
-                continue
-            try:
-                errors = [f"rank {r}: {p['error']}" if world > 1 else p["error"] for r, p in enumerate(parts)
-                          if "error" in p]
-                if errors:
-                    raise RuntimeError(errors[0])
-                preds = {}
-                for p in parts:
-                    preds.update(p["pred"])
-                score, per_item = score_predictions(d, preds)
-                if args.save_predictions:
-                    save_predictions(run.root, ck, d, preds, per_item)
-                table.append_evals(out_path, [row_for(run, ck, d, score)])
-            except Exception as e:  # noqa: BLE001
-                failures.append(f"{d.bench.name}: {e}")
-        del model, eng
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if rank == 0:
-            status[ck.stage] = f"FAILED: {'; '.join(failures)}" if failures else "done"
-
-    failed = [ck for ck in run.checkpoints if status.get(ck.stage, "").startswith("FAILED")]
-    if rank == 0:
-        print_summary(run, out_path, data, status)
-        for ck in failed:
-            print(f"probes.evaluate: stage {ck.stage} ({ck.path}) {status[ck.stage]}", file=sys.stderr)
-        if failed:
-            print(f"probes.evaluate: {len(failed)} checkpoint(s) failed; the others are in {out_path}", file=sys.stderr)
-        for line in skipped:
-            print(f"probes.evaluate: warning: {line}", file=sys.stderr)
-    n_failed = broadcast(len(failed) if rank == 0 else None, rank, world)   # every rank exits alike
-    if world > 1:
-        import torch.distributed as dist
-        dist.destroy_process_group()
-    return 1 if n_failed else 0
-
-
-def _describe(e: Exception) -> str:
-    msg = f"{type(e).__name__}: {e}"
-    if not isinstance(e, (CheckpointError, CaptionDataError, B.BenchmarkError, ValueError)):
-        msg += "\n" + traceback.format_exc(limit=3)
-    return msg
+    return sweep(Evaluate(parse_args(argv)))
 
 
 def print_summary(run: RunDir, out_path: Path, data: list[B.BenchmarkData], status: dict[int, str]) -> None:

@@ -5,7 +5,11 @@
     python -m probes.run --ckpt-dir RUN --signatures             # + sig_<task>_mass for every task of the run
     python -m probes.run --ckpt-dir RUN --signatures --signature-file docvqa=docvqa/train.json
 
-Definitions: probes/drift.py (KL, agreement) and probes/signatures.py (signatures); docs/probes.md.
+`setup` resolves the base and derives the signatures (the inputs: a bad one stops the command); `Extras.start`
+makes the base reference of --drift once, before the first checkpoint: the base's hidden states on this
+rank's batches, after which the base model itself is released (its output projection stays), so every
+checkpoint's KL is against the same cached base. Definitions: probes/drift.py (KL, agreement) and
+probes/signatures.py (signatures); docs/probes.md.
 """
 from __future__ import annotations
 
@@ -17,9 +21,23 @@ from training.checkpoints import LoadOptions, load, load_processor
 from training.families import CheckpointError
 
 from . import drift
-from .cli import load_options
+from .batching import EncodeCache
 from .signatures import MIN_COUNT, PRIOR, TOP_K, Z_MIN, Signature, SignatureError, derive_all, write_json
 from .stats import probe_names
+from .tokensets import vocab_fingerprint
+from .vision_cache import VisionCache
+
+
+@dataclass(frozen=True)
+class DriftOptions:
+    drift: bool = False                      # + kl_to_base, top1_agreement (teacher-forced)
+    base: str | None = None                  # the base of drift (default: the run's stage 0)
+    signatures: bool = False                 # + sig_<task>_mass / _max_prob
+    signature_tasks: list[str] | None = None
+    signature_file: dict[str, str] = field(default_factory=dict)   # task -> training file
+    signature_k: int = TOP_K
+    signature_z: float = Z_MIN
+    signature_prior: float = PRIOR
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -40,31 +58,37 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                    help=f"prior mass as a fraction of both corpora's tokens ({PRIOR})")
 
 
-def check_arguments(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> DriftOptions:
+    """The flags of `add_arguments`, checked (a bad one is `ap.error`)."""
     files = {}
     for item in args.signature_file:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             ap.error(f"--signature-file {item!r}: expected NAME=PATH")
         files[name] = path
-    args.signature_file = files
-    args.signature_tasks = [t.strip() for t in (args.signature_tasks or "").split(",") if t.strip()] or None
-    if files or args.signature_tasks:
-        args.signatures = True
+    tasks = [t.strip() for t in (args.signature_tasks or "").split(",") if t.strip()] or None
     if args.signature_k < 1:
         ap.error("--signature-k must be at least 1")
     if args.signature_prior <= 0:
         ap.error("--signature-prior must be positive")
     if args.base and not args.drift:
         ap.error("--base is the base of --drift; add --drift")
+    return DriftOptions(drift=args.drift, base=args.base, signatures=bool(args.signatures or files or tasks),
+                        signature_tasks=tasks, signature_file=files, signature_k=args.signature_k,
+                        signature_z=args.signature_z, signature_prior=args.signature_prior)
 
 
-@dataclass
 class Extras:
-    drift: bool = False
-    base_path: Path | None = None
-    sigs: list[Signature] = field(default_factory=list)
-    ref: drift.BaseReference | None = None
+    """What the drift options add to one probes.run: the base of --drift, the signatures, and (after `start`)
+    the base reference every checkpoint's KL is computed against."""
+
+    def __init__(self, base_path: Path | None = None, sigs: list[Signature] | None = None):
+        self.base_path, self.sigs = base_path, list(sigs or [])
+        self.ref: drift.BaseReference | None = None
+
+    @property
+    def drift(self) -> bool:
+        return self.base_path is not None
 
     @property
     def sig_sets(self) -> dict[str, list[int]]:
@@ -75,30 +99,33 @@ class Extras:
         out = probe_names(list(token_sets) + list(self.sig_sets))
         return out + list(drift.DRIFT_PROBES) if self.drift and mode == "teacher-forced" else out
 
-    def teacher_forced(self, eng, samples, batches, *, opts: LoadOptions, cache, progress: bool) -> dict:
-        from .tokensets import vocab_fingerprint
+    def start(self, processor, samples, batch_size: int, share, opts: LoadOptions, cache: EncodeCache,
+              vision_cache: VisionCache | None = None) -> None:
+        """The base reference: the base (with the run's processor) over this rank's share of the teacher-forced
+        plan, its hidden states cached, then the model released when they all fit (only its head stays)."""
+        own = load_processor(self.base_path, opts)
+        if vocab_fingerprint(own.tokenizer) != vocab_fingerprint(processor.tokenizer):
+            raise CheckpointError(f"{self.base_path}: the base's tokenizer differs from the run's; KL over "
+                                  "different vocabularies is not defined")
+        model, _ = load(self.base_path, opts, processor=processor)
+        self.ref = drift.BaseReference(model, processor, encode_cache=cache, vision_cache=vision_cache,
+                                       name=str(self.base_path))
+        del model
+        for idx in share(self.ref.engine.plan(samples, batch_size, True)):
+            self.ref.rows(samples, idx)
+        self.ref.release_model()
 
-        if self.ref is None:
-            if self.base_path is None:
-                raise drift.DriftError("drift probes need a base checkpoint")
-            own = load_processor(self.base_path, opts)
-            if vocab_fingerprint(own.tokenizer) != vocab_fingerprint(eng.tokenizer):
-                raise CheckpointError(f"{self.base_path}: the base's tokenizer differs from the run's; KL over "
-                                      "different vocabularies is not defined")
-            model, _ = load(self.base_path, opts, processor=eng.processor)
-            self.ref = drift.BaseReference(model, eng.processor, encode_cache=cache,
-                                          vision_cache=eng.forward.vision_cache, name=str(self.base_path))
-        out = drift.teacher_forced(eng, self.ref, samples, batches, progress=progress)
-        self.ref.release_model()       # every batch of this rank's plan is cached: keep only the base's head
-        return out
+    def teacher_forced(self, eng, samples, batches, progress: bool) -> dict:
+        return drift.teacher_forced(eng, self.ref, samples, batches, progress=progress)
 
 
-def setup(args, run, caps, out_path: Path, rank: int, say=print) -> Extras:
-    """Resolve the base and derive the signatures (rank 0 writes signatures.json next to the table)."""
-    ex = Extras(drift=bool(args.drift))
-    if args.drift:
-        if args.base:
-            ex.base_path = Path(args.base)
+def setup(opts: DriftOptions, run, caps, out_path: Path, load_opts: LoadOptions, say=print,
+          write: bool = True) -> Extras:
+    """Resolve the base and derive the signatures (`write`: also signatures.json next to the table)."""
+    ex = Extras()
+    if opts.drift:
+        if opts.base:
+            ex.base_path = Path(opts.base)
         else:
             first = min(run.checkpoints, key=lambda c: c.stage)
             if first.stage != 0:
@@ -107,21 +134,21 @@ def setup(args, run, caps, out_path: Path, rank: int, say=print) -> Extras:
         if not ex.base_path.is_dir():
             raise drift.DriftError(f"--base {ex.base_path}: not a checkpoint folder")
         say(f"probes.run: drift against {ex.base_path}")
-    if args.signatures:
-        processor = load_processor(run.checkpoints[0].path, load_options(args))
+    if opts.signatures:
+        processor = load_processor(run.checkpoints[0].path, load_opts)
         try:
-            ex.sigs = derive_all(run.manifest, [s.caption for s in caps.samples], processor, args.signature_tasks,
-                                 args.signature_file, prior=args.signature_prior, z_min=args.signature_z,
-                                 min_count=MIN_COUNT, top_k=args.signature_k)
+            ex.sigs = derive_all(run.manifest, [s.caption for s in caps.samples], processor, opts.signature_tasks,
+                                 opts.signature_file, prior=opts.signature_prior, z_min=opts.signature_z,
+                                 min_count=MIN_COUNT, top_k=opts.signature_k)
         except SignatureError as e:
             raise drift.DriftError(str(e)) from None
         for s in ex.sigs:
             shown = ", ".join(repr(t["token"]) for t in s.tokens[:8])
             say(f"probes.run: signature {s.name}: {len(s.tokens)} tokens ({shown}{', ...' if len(s.tokens) > 8 else ''})"
                 if s.tokens else f"probes.run: task {s.task}: no token is over-represented in its answers; no signature")
-        if rank == 0:
+        if write:
             write_json(Path(out_path).with_name("signatures.json"), ex.sigs,
-                       {"prior": args.signature_prior, "z_min": args.signature_z, "min_count": MIN_COUNT,
-                        "top_k": args.signature_k},
+                       {"prior": opts.signature_prior, "z_min": opts.signature_z, "min_count": MIN_COUNT,
+                        "top_k": opts.signature_k},
                        {"dataset": caps.name, "dataset_hash": caps.hash, "n_captions": len(caps.samples)})
     return ex

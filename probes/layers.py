@@ -31,16 +31,16 @@ first changed layer; before it, and for a checkpoint identical to the base, it i
 
 Columns: run, stage, stage_name, task, recipe, checkpoint, base, layer, component (attn|mlp), hook,
 measure, mean, std, ci_low, ci_high, n_samples, n_positions, dataset, dataset_hash; one row per
-(stage, layer, component, measure). One process (no torchrun); a rerun skips stages already written.
+(stage, layer, component, measure). One process (no torchrun); a rerun skips stages already written (the
+driver: probes.sweep).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import sys
-import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -53,24 +53,20 @@ from training.families import CheckpointError, family_of_model
 
 from . import table
 from .batching import EncodeCache
-from .captions import CaptionDataError
-from .cli import add_loading_arguments, load_options
-from .discover import DiscoveryError, discover
+from .cli import add_loading_arguments
 from .drift import DriftError
 from .engine import Engine
-from .run import caption_set
+from .run import load_run_captions
+from .schemas import LAYERS
 from .stats import SampleAccumulator
+from .sweep import Command, SweepOptions, sweep
 from .tokensets import token_set, vocab_fingerprint
 from .vision_cache import VisionCache
 from .vocab import Chunk, Head, LogSumExp, reduce_vocab
 
 COMPONENTS = {"attn": "self_attn", "mlp": "mlp"}
 MEASURES = ("logit_l2", "number_logit", "number_logmass", "resid_l2")
-COLUMNS = ["run", "stage", "stage_name", "task", "recipe", "checkpoint", "base", "layer", "component", "hook",
-           "measure", "mean", "std", "ci_low", "ci_high", "n_samples", "n_positions", "dataset", "dataset_hash"]
-DTYPES = {"stage": "int64", "layer": "int64", "mean": "float64", "std": "float64", "ci_low": "float64",
-          "ci_high": "float64", "n_samples": "int64", "n_positions": "int64"}
-KEY = ["stage", "layer", "component", "measure"]
+COLUMNS, DTYPES, KEY = LAYERS.columns, LAYERS.dtypes, LAYERS.key    # the table's schema (probes.schemas)
 
 
 def hook_name(layer: int, component: str) -> str:
@@ -229,7 +225,18 @@ def rows_for(run, ck, base_rel: str, per_sample: dict[int, dict], caps) -> list[
 
 
 # -- the command -----------------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
+@dataclass(frozen=True, kw_only=True)
+class LayersOptions(SweepOptions):
+    captions: str | None = None              # the caption set (default: run.json's)
+    images: str | None = None
+    num_samples: int | None = None
+    sample: str = "first"
+    seed: int = 0
+    batch_size: int = 16
+    base: str | None = None                  # the base checkpoint (default: the run's stage 0)
+
+
+def parse_args(argv=None) -> LayersOptions:
     ap = argparse.ArgumentParser(prog="python -m probes.layers", description=__doc__.split("\n")[0],
                                  epilog=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt-dir", required=True, help="a run directory (run.json) or a folder of checkpoints")
@@ -246,7 +253,81 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch-size must be at least 1")
-    return args
+    return LayersOptions.from_args(args)
+
+
+def read_layers(path: Path) -> pd.DataFrame:
+    return table.read_table(path, COLUMNS, DTYPES, "layer table")
+
+
+class Layers(Command):
+    """Per checkpoint, one unit: every layer's attribution against the base, which setup loads once."""
+    prog, table_file, sharded = "probes.layers", "layers.parquet", False
+    input_errors = Command.input_errors + (DriftError,)
+
+    def setup(self, run, out, procs) -> None:
+        super().setup(run, out, procs)
+        o = self.opts
+        self.caps = load_run_captions(o, run)
+        read_layers(out)                          # a foreign file stops here, before any model
+        if o.base:
+            self.base_path, self.base_rel = Path(o.base), str(Path(o.base).resolve())
+        else:
+            first = min(run.checkpoints, key=lambda c: c.stage)
+            if first.stage != 0:
+                raise DriftError(f"{run.root}: no stage 0 to serve as the base; pass --base PATH")
+            self.base_path, self.base_rel = first.path, first.rel
+        self.processor = load_processor(self.base_path, o.load)
+        self.cache, self.vision = EncodeCache(), VisionCache()   # the stages share encodings and (LM-only) image features
+        base_model, _ = load(self.base_path, o.load, processor=self.processor)
+        self.base = Engine(base_model, self.processor, token_sets=(), encode_cache=self.cache, vision_cache=self.vision)
+        self.readout = Readout(base_model, token_set(self.processor.tokenizer, "number"))
+        self.n_layers = Taps(base_model, self.base.family).n_layers
+        self.batches = self.base.plan(self.caps.samples, o.batch_size, True)
+
+    def plan(self, checkpoints, out):
+        df = read_layers(out)
+        plan = []
+        for ck in checkpoints:
+            done, clash = _done(df, ck, self.base_rel, self.n_layers, self.caps.hash)
+            if done:
+                plan.append(([], None))
+            elif len(clash) and not self.opts.replace:
+                r = clash.iloc[0]
+                plan.append(([], f"{out} has rows for stage {ck.stage} from checkpoint {r['checkpoint']}, base "
+                                 f"{r['base']}, captions {r['dataset_hash']}; use --out or --replace"))
+            else:
+                plan.append((["layers"], None))
+        return plan
+
+    def header(self):
+        o, caps = self.opts.load, self.caps
+        return [f"probes.layers: {len(self.run.checkpoints)} checkpoint(s) in {self.run.root} against "
+                f"{self.base_path}; captions {caps.source} ({len(caps.samples)} samples, hash {caps.hash}); "
+                f"{o.device} {o.dtype} -> {self.out}"]
+
+    def warnings(self):
+        return [self.caps.report()] if self.caps.report() else []
+
+    def open(self, ck) -> Engine:
+        own = load_processor(ck.path, self.opts.load)
+        if vocab_fingerprint(own.tokenizer) != vocab_fingerprint(self.processor.tokenizer):
+            raise CheckpointError(f"{ck.path}: its tokenizer differs from the base's")
+        model, _ = load(ck.path, self.opts.load, processor=self.processor)
+        return Engine(model, self.processor, token_sets=(), encode_cache=self.cache, vision_cache=self.vision)
+
+    def compute(self, eng: Engine, ck, unit) -> dict[int, dict]:
+        return attribute(self.base, eng, self.readout, self.caps.samples, self.batches, progress=True)
+
+    def rows(self, ck, unit, shares) -> list[dict]:
+        return rows_for(self.run, ck, self.base_rel, shares[0], self.caps)
+
+    def append(self, out, rows) -> None:
+        table.append_rows(out, rows, columns=COLUMNS, dtypes=DTYPES, key=KEY,
+                          order=["stage", "layer", "component", "measure"], what="layer table")
+
+    def summary(self, status) -> None:
+        print_summary(self.out, self.run, status, self.caps.hash)
 
 
 def _done(df: pd.DataFrame, ck, base_rel: str, n_layers: int, dataset_hash: str) -> tuple[bool, pd.DataFrame]:
@@ -258,72 +339,7 @@ def _done(df: pd.DataFrame, ck, base_rel: str, n_layers: int, dataset_hash: str)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    try:
-        run = discover(args.ckpt_dir)
-        caps = caption_set(args, run)
-        out_path = Path(args.out) if args.out else run.root / "layers.parquet"
-        table.read_table(out_path, COLUMNS, DTYPES, "layer table")   # a foreign file stops here, before any model
-        if args.base:
-            base_path, base_rel = Path(args.base), str(Path(args.base).resolve())
-        else:
-            first = min(run.checkpoints, key=lambda c: c.stage)
-            if first.stage != 0:
-                raise DriftError(f"{run.root}: no stage 0 to serve as the base; pass --base PATH")
-            base_path, base_rel = first.path, first.rel
-        opts = load_options(args)
-        processor = load_processor(base_path, opts)
-    except (DiscoveryError, CaptionDataError, CheckpointError, table.TableError, DriftError) as e:
-        print(f"probes.layers: error: {e}", file=sys.stderr)
-        return 2
-    print(f"probes.layers: {len(run.checkpoints)} checkpoint(s) in {run.root} against {base_path}; captions "
-          f"{caps.source} ({len(caps.samples)} samples, hash {caps.hash}); {opts.device} {opts.dtype} -> {out_path}")
-    if caps.report():
-        print(f"probes.layers: {caps.report()}", file=sys.stderr)
-    cache, vision = EncodeCache(), VisionCache()     # the stages share encodings and (LM-only) image features
-    base_model, _ = load(base_path, opts, processor=processor)
-    base = Engine(base_model, processor, token_sets=(), encode_cache=cache, vision_cache=vision)
-    readout = Readout(base_model, token_set(processor.tokenizer, "number"))
-    n_layers = Taps(base_model, base.family).n_layers
-    batches = base.plan(caps.samples, args.batch_size, True)
-    status = {}
-    for ck in tqdm(run.checkpoints, desc="checkpoints", unit="ckpt"):
-        done, clash = _done(table.read_table(out_path, COLUMNS, DTYPES, "layer table"), ck, base_rel, n_layers,
-                            caps.hash)
-        if done:
-            status[ck.stage] = "skipped (already in the table)"
-            continue
-        if len(clash) and not args.replace:
-            r = clash.iloc[0]
-            status[ck.stage] = (f"FAILED: {out_path} has rows for stage {ck.stage} from checkpoint {r['checkpoint']}, "
-                                f"base {r['base']}, captions {r['dataset_hash']}; use --out or --replace")
-            continue
-        model = None
-        try:
-            own = load_processor(ck.path, opts)
-            if vocab_fingerprint(own.tokenizer) != vocab_fingerprint(processor.tokenizer):
-                raise CheckpointError(f"{ck.path}: its tokenizer differs from the base's")
-            model, _ = load(ck.path, opts, processor=processor)
-            eng = Engine(model, processor, token_sets=(), encode_cache=cache, vision_cache=vision)
-            per = attribute(base, eng, readout, caps.samples, batches, progress=True)
-            table.append_rows(out_path, rows_for(run, ck, base_rel, per, caps), columns=COLUMNS, dtypes=DTYPES,
-                              key=KEY, order=["stage", "layer", "component", "measure"], what="layer table")
-            status[ck.stage] = "done"
-        except Exception as e:  # noqa: BLE001 (reported with the checkpoint; the others still run)
-            status[ck.stage] = f"FAILED: {type(e).__name__}: {e}"
-            if not isinstance(e, (CheckpointError, CaptionDataError, ValueError)):
-                status[ck.stage] += "\n" + traceback.format_exc(limit=3)
-        finally:
-            del model
-            gc.collect()
-    print_summary(out_path, run, status, caps.hash)
-    failed = [s for s, v in status.items() if v.startswith("FAILED")]
-    for s in failed:
-        print(f"probes.layers: stage {s} {status[s]}", file=sys.stderr)
-    return 1 if failed else 0
+    return sweep(Layers(parse_args(argv)))
 
 
 def print_summary(out_path: Path, run, status: dict, dataset_hash: str) -> None:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.tables import EVAL_COLUMNS, TableError, names_task, read_manifest
+from training.manifest import ManifestError, names_task, read_full
 
-from .table import TableError as TableWriteError
+from .schemas import EVALS, TableError
 from .table import append_evals
 
 # Primary metric of the lmms-eval tasks the study's held-out set uses (all reported as fractions).
@@ -106,7 +106,7 @@ def import_results(run_dir: Path, results: dict[str, Path], target: list[str] | 
                    scale: dict[str, float] | None = None, only: set[str] | None = None) -> pd.DataFrame:
     """evals.parquet rows for the given stage -> results path pairs (see the module docstring)."""
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
+    manifest = read_full(run_dir)
     stages = manifest["stages"]
     task_map, metric, scale = task_map or {}, metric or {}, scale or {}
     tasks = [t for t in manifest.get("tasks") or []] + [s["task"] for s in stages if s["task"]]
@@ -135,7 +135,7 @@ def import_results(run_dir: Path, results: dict[str, Path], target: list[str] | 
                      "recipe": manifest["recipe"], "checkpoint": st["path"], "benchmark": bench,
                      "split": "target" if is_target else "heldout", "metric": key.split(",")[0], "score": score,
                      "n": n})
-    table = pd.DataFrame(rows, columns=list(EVAL_COLUMNS))
+    table = pd.DataFrame(rows, columns=list(EVALS.columns))
     table["n"] = table["n"].astype("Int64")
     dup = table[table.duplicated(["stage", "benchmark"], keep=False)]
     if len(dup):
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
             folder = Path(args.results_dir or run_dir / "lmms_eval")
             if not folder.is_dir():
                 raise ResultsError(f"{folder}: no such folder; give --results STAGE=PATH or --results-dir")
-            manifest = read_manifest(run_dir)
+            manifest = read_full(run_dir)
             names = {n for s in manifest["stages"] for n in (str(s["index"]), s["name"], s["path"])}
             results = {d.name: d for d in sorted(folder.iterdir()) if d.is_dir() and d.name in names}
             if not results:
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         # new rows replace those of the same (stage, benchmark); written atomically under the table's lock,
         # the one probes.evaluate appends under, so an import during an evaluation loses neither's rows
         merged = append_evals(out, table.to_dict("records"))
-    except (TableError, TableWriteError) as e:
+    except (TableError, ManifestError) as e:
         print(f"lmms_eval_import: {e}", file=sys.stderr)
         return 2
     print(table.pivot(index="stage", columns="benchmark", values="score").round(1).to_string())

@@ -32,6 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from training.manifest import ManifestError
+from training.manifest import task_files as run_task_files
+from training.records import DataError, load_records, record_turns
+
 from .tokensets import decoded_vocab, is_number_token
 
 PRIOR, Z_MIN, MIN_COUNT, TOP_K = 0.1, 1.96, 2, 20
@@ -132,8 +136,6 @@ def derive(task: str, answers: list[str], captions: list[str], processor, *, pri
 # -- where a run's task answers are ----------------------------------------------------------------
 def read_answers(path: str | os.PathLike, max_records: int | None = None) -> list[str]:
     """Every gpt turn of a LLaVA JSON / JSONL training file."""
-    from training.data import DataError, load_records, record_turns
-
     try:
         records = load_records(path, max_records)
         return [a for i, r in enumerate(records) for _, a in record_turns(r, f"{path} record {i}")]
@@ -142,27 +144,27 @@ def read_answers(path: str | os.PathLike, max_records: int | None = None) -> lis
 
 
 def task_files(manifest: dict, tasks: list[str] | None = None, files: dict[str, str] | None = None) -> dict[str, Path]:
-    """task -> training file: `files` (NAME=PATH from the command line) first, else the run's data resolved by
-    training.data exactly as training resolved it (run.json config.data). Default tasks: run.json's "tasks"."""
-    from training.data import DataError, resolve_root, resolve_task
-
+    """task -> training file: `files` (NAME=PATH from the command line) first, else the file training resolved
+    (run.json "task_files", training.manifest). Default tasks: run.json's "tasks"."""
     files = dict(files or {})
     tasks = list(dict.fromkeys(tasks or list(manifest.get("tasks") or []) or list(files)))
     if not tasks:
         raise SignatureError("no tasks for signatures: run.json names none; pass --signature-file NAME=PATH")
     out: dict[str, Path] = {}
-    data_cfg = ((manifest.get("config") or {}).get("data")) or {}
-    dr = None
+    resolved = None
     for t in tasks:
         if t in files:
             out[t] = Path(files[t])
             continue
         try:
-            dr = dr or resolve_root(data_cfg)
-            out[t] = resolve_task(t, data_cfg, dr).train
-        except (DataError, ImportError) as e:
+            resolved = resolved if resolved is not None else run_task_files(manifest)
+        except ManifestError as e:
             raise SignatureError(f"signature of task {t!r}: its training data cannot be found ({e}); "
                                  f"pass --signature-file {t}=PATH") from None
+        if t not in resolved:
+            raise SignatureError(f"signature of task {t!r}: the run's data has no training file for it; "
+                                 f"pass --signature-file {t}=PATH")
+        out[t] = Path(resolved[t]["train"])
     return out
 
 

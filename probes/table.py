@@ -1,5 +1,5 @@
-"""The run tables `probes` writes, columns fixed by DESIGN.md: probes.parquet, one row per (stage, probe,
-mode), and evals.parquet, one row per (stage, benchmark).
+"""Writing the run tables `probes` writes (their schemas: probes.schemas): probes.parquet, one row per
+(stage, probe, mode), evals.parquet, one row per (stage, benchmark), and layers.parquet.
 
 Rows are appended after every checkpoint (or benchmark), atomically (write a temporary file next to the
 table, then os.replace), under a lock file so two processes never interleave a read-modify-write; a
@@ -25,20 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-COLUMNS = ["run", "stage", "stage_name", "task", "recipe", "checkpoint", "probe", "mode", "mean", "std",
-           "ci_low", "ci_high", "n_samples", "n_positions", "dataset", "dataset_hash"]
-_DTYPES = {"stage": "int64", "n_samples": "int64", "n_positions": "int64", "mean": "float64", "std": "float64",
-           "ci_low": "float64", "ci_high": "float64"}
-KEY = ["stage", "probe", "mode"]
-EVAL_COLUMNS = ["run", "stage", "stage_name", "task", "recipe", "checkpoint", "benchmark", "split", "metric",
-                "score", "n"]     # = analysis.tables.EVAL_COLUMNS (a test keeps them equal)
-# n is nullable: lmms-eval results (probes.lmms_eval_import) do not always say how many samples they scored
-_EVAL_DTYPES = {"stage": "int64", "score": "float64", "n": "Int64"}
-EVAL_KEY = ["stage", "benchmark"]
-
-
-class TableError(ValueError):
-    pass
+from .schemas import EVALS, PROBES, TableError
 
 
 def summarize(values: Iterable[float]) -> dict:
@@ -56,12 +43,12 @@ def summarize(values: Iterable[float]) -> dict:
     return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n_samples": n}
 
 
-def empty(columns: list[str] = COLUMNS, dtypes: dict = _DTYPES) -> pd.DataFrame:
+def empty(columns=PROBES.columns, dtypes: dict = PROBES.dtypes) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, "object")) for c in columns})
 
 
-def read_table(path: str | os.PathLike, columns: list[str] = COLUMNS, dtypes: dict = _DTYPES,
-               what: str = "probe table") -> pd.DataFrame:
+def read_table(path: str | os.PathLike, columns=PROBES.columns, dtypes: dict = PROBES.dtypes,
+               what: str = PROBES.what) -> pd.DataFrame:
     p = Path(path)
     if not p.exists():
         return empty(columns, dtypes)
@@ -77,7 +64,7 @@ def read_table(path: str | os.PathLike, columns: list[str] = COLUMNS, dtypes: di
 
 
 def read_evals(path: str | os.PathLike) -> pd.DataFrame:
-    return read_table(path, EVAL_COLUMNS, _EVAL_DTYPES, "evaluation table")
+    return read_table(path, EVALS.columns, EVALS.dtypes, EVALS.what)
 
 
 @contextlib.contextmanager
@@ -136,12 +123,13 @@ class RunLock:
         self.release()
 
 
-def append_rows(path: str | os.PathLike, rows: list[dict], *, columns: list[str] = COLUMNS,
-                dtypes: dict = _DTYPES, key: list[str] = KEY, order: list[str] | None = None,
-                what: str = "probe table") -> pd.DataFrame:
+def append_rows(path: str | os.PathLike, rows: list[dict], *, columns=PROBES.columns,
+                dtypes: dict = PROBES.dtypes, key=PROBES.key, order=PROBES.order,
+                what: str = PROBES.what) -> pd.DataFrame:
     """Add `rows` (replacing rows with the same key: stage, probe and mode by default) and write the table
     atomically, under the table's lock. Rows of other keys, and columns beyond `columns`, are kept."""
     p = Path(path)
+    columns, key = list(columns), list(key)
     new = pd.DataFrame(rows, columns=columns).astype(dtypes)
     with _lock(p):
         for stale in p.parent.glob(f".{p.name}.*.tmp"):  # a writer killed mid-write (writes hold this lock)
@@ -151,7 +139,7 @@ def append_rows(path: str | os.PathLike, rows: list[dict], *, columns: list[str]
         if len(old):
             old = old[~old.set_index(key).index.isin(new.set_index(key).index)]
         df = pd.concat([old.astype(dtypes), new], ignore_index=True) if len(old) else new
-        df = df.sort_values(order or ["stage", "mode", "probe"], kind="stable").reset_index(drop=True)
+        df = df.sort_values(list(order), kind="stable").reset_index(drop=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
         os.close(fd)
         try:
@@ -166,8 +154,8 @@ def append_rows(path: str | os.PathLike, rows: list[dict], *, columns: list[str]
 
 def append_evals(path: str | os.PathLike, rows: list[dict]) -> pd.DataFrame:
     """evals.parquet: add rows, replacing those of the same (stage, benchmark)."""
-    return append_rows(path, rows, columns=EVAL_COLUMNS, dtypes=_EVAL_DTYPES, key=EVAL_KEY,
-                       order=["stage", "split", "benchmark"], what="evaluation table")
+    return append_rows(path, rows, columns=EVALS.columns, dtypes=EVALS.dtypes, key=EVALS.key, order=EVALS.order,
+                       what=EVALS.what)
 
 
 def done(df: pd.DataFrame, stage: int, checkpoint: str, mode: str, probes: Iterable[str], dataset_hash: str) -> bool:

@@ -18,11 +18,10 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable, Sequence
 
+from training.records import NUMBER_WORDS
+
 MARKERS = ("Ġ", "▁")  # byte-level and SentencePiece space markers
 
-NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-                "fifteen sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty "
-                "ninety hundred thousand million billion").split()
 _NUMBER_WORD_FORMS = frozenset(NUMBER_WORDS) | {w.capitalize() for w in NUMBER_WORDS}
 _DIGITS = re.compile(r"[0-9]+")
 _ORDINAL = re.compile(r"[0-9]+(st|nd|rd|th)")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.tables import EVAL_COLUMNS, PROBE_COLUMNS
+from probes.schemas import EVALS, PROBES
 
 
 def write_run(run_dir, recipe: str, tasks: list[str], scores: pd.DataFrame, splits: dict[str, str],
@@ -27,14 +27,14 @@ def write_run(run_dir, recipe: str, tasks: list[str], scores: pd.DataFrame, spli
                         "task": stages[s]["task"], "recipe": recipe, "checkpoint": stages[s]["path"]}
     evals = [{**common(s), "benchmark": b, "split": splits[b], "metric": "accuracy", "score": float(scores.at[s, b]),
               "n": 100} for s in scores.index for b in scores.columns]
-    pd.DataFrame(evals, columns=list(EVAL_COLUMNS)).to_parquet(run_dir / "evals.parquet")
+    pd.DataFrame(evals, columns=list(EVALS.columns)).to_parquet(run_dir / "evals.parquet")
     rows = []
     for (probe, mode), means in (probes or {}).items():
         for s, m in enumerate(means):
             rows.append({**common(s), "probe": probe, "mode": mode, "mean": float(m), "std": 0.01,
                          "ci_low": float(m) - 0.002, "ci_high": float(m) + 0.002, "n_samples": 64,
                          "n_positions": 640, "dataset": "synthetic-captions", "dataset_hash": "0" * 16})
-    pd.DataFrame(rows, columns=list(PROBE_COLUMNS)).to_parquet(run_dir / "probes.parquet")
+    pd.DataFrame(rows, columns=list(PROBES.columns)).to_parquet(run_dir / "probes.parquet")
     return run_dir
 
 

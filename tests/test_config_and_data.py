@@ -7,18 +7,9 @@ from PIL import Image
 
 from training.chat import encode
 from training.config import CONFIG_DIR, ConfigError, load_config
-from training.data import (
-    Collator,
-    ConversationDataset,
-    DataError,
-    benchmark_names,
-    caption_set,
-    load_records,
-    record_turns,
-    resolve_root,
-    resolve_task,
-)
+from training.data import Collator, ConversationDataset, benchmark_names, resolve_root, resolve_task
 from training.families import FAMILIES
+from training.records import DataError, caption_set, load_records, record_turns
 
 from .llava_fixture import COLOURS, TARGETS, write_llava_root
 
@@ -83,7 +74,7 @@ def test_records_single_and_multi_turn(tmp_path):
     with pytest.raises(DataError, match=rf"{bad} record 1 \(id 'y'\)"):
         load_records(bad)
     bad.write_text("{not json")
-    with pytest.raises(DataError, match=f"{bad}: not valid JSON"):
+    with pytest.raises(DataError, match=f"{bad}: malformed JSON"):
         load_records(bad)
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from analysis import drift_monitor, drift_report, layers, signatures
 from analysis.tables import load_run
+from probes.schemas import LAYERS
 
 from .synthetic import write_run
 
@@ -92,7 +93,7 @@ def test_sa_vs_mlp_by_hand():
             for layer in (0, 1):
                 for comp in ("attn", "mlp"):
                     v = 0.0 if stage == 0 else (stage + layer) * (2.0 if comp == "mlp" else 1.0) * (3 if run == "b" else 1)
-                    rows.append({c: None for c in layers.LAYER_COLUMNS} | {
+                    rows.append({c: None for c in LAYERS.columns} | {
                         "run": run, "recipe": recipe, "stage": stage, "layer": layer, "component": comp,
                         "measure": "logit_l2", "mean": v})
     t = layers.sa_vs_mlp(pd.DataFrame(rows)).set_index(["recipe", "layer"])
@@ -102,11 +103,32 @@ def test_sa_vs_mlp_by_hand():
     layers.figure(pd.DataFrame(rows))
 
 
-def test_layer_columns_match_the_writer():
-    from probes.layers import COLUMNS
-    from training.monitor import COLUMNS as MON
+def test_readers_and_writers_share_one_schema_per_table():
+    """Each table's columns are defined once (probes.schemas): writers and analysis use those objects, one
+    TableError, and no other module spells a table's columns out again."""
+    import ast
 
-    assert tuple(COLUMNS) == layers.LAYER_COLUMNS and tuple(MON) == drift_monitor.MONITOR_COLUMNS
+    from analysis import tables
+    from probes import layers as layer_writer
+    from probes import lmms_eval_import, schemas, table
+    from training import run as run_mod
+
+    assert tables.EVALS is table.EVALS is schemas.EVALS and tables.PROBES is table.PROBES is schemas.PROBES
+    assert layers.LAYERS is schemas.LAYERS and layer_writer.COLUMNS is schemas.LAYERS.columns
+    assert drift_monitor.MONITOR is run_mod.MONITOR is schemas.MONITOR
+    for module in (tables, layers, drift_monitor, lmms_eval_import, table):
+        assert module.TableError is schemas.TableError
+    assert issubclass(table.TableBusy, schemas.TableError)
+    every = [set(s.columns) for s in (schemas.PROBES, schemas.EVALS, schemas.ITEMS, schemas.LAYERS, schemas.MONITOR)]
+    root = Path(schemas.__file__).parents[1]
+    for path in [p for pkg in ("training", "probes", "analysis") for p in (root / pkg).rglob("*.py")]:
+        if path.name == "schemas.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.List, ast.Tuple)) and len(node.elts) >= 6 and all(
+                    isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+                names = {e.value for e in node.elts}   # a selection of some columns is fine; all of them is not
+                assert names not in every, f"{path}:{node.lineno} repeats a table's columns"
 
 
 def test_the_whole_chain_on_a_tiny_run(tmp_path, tiny_checkpoints, capsys):

@@ -11,12 +11,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from analysis.tables import EVAL_COLUMNS, load_run
+from analysis.tables import load_run
 from probes import benchmarks as B
 from probes import table
 from probes.decode import Generation
 from probes.engine import Engine
 from probes.evaluate import main
+from probes.schemas import EVALS
 from probes.scorers import get_scorer
 from tests.llava_fixture import write_llava_root
 from training.families import FAMILIES
@@ -82,7 +83,7 @@ def test_world_run_table_contract_predictions_and_resume(tmp_path, stage_models,
     assert main(["--ckpt-dir", str(run), "--max-new-tokens", "4", "--batch-size", "3", "--save-predictions"]) == 0
     out = capsys.readouterr().out
     df = pd.read_parquet(run / "evals.parquet")
-    assert list(df.columns) == table.EVAL_COLUMNS == list(EVAL_COLUMNS)
+    assert list(df.columns) == list(EVALS.columns)
     assert len(df) == 6 and not df.duplicated(["stage", "benchmark"]).any()
     by = df.set_index(["stage", "benchmark"])
     assert by.loc[(1, "cub200"), "split"] == "target"            # the run trains cub200

@@ -11,6 +11,7 @@ from PIL import Image
 from probes import layers
 from probes.captions import Sample
 from probes.engine import Engine
+from probes.schemas import LAYERS
 from probes.tokensets import token_set
 from probes.vision_cache import VisionCache
 from training.chat import collate, encode
@@ -139,8 +140,8 @@ def test_probes_layers_cli_on_a_trained_run(tmp_path, capsys):
     run = run_mod.run(cfg, "toy-tiny")
     assert layers.main(["--ckpt-dir", str(run), "--num-samples", "5", "--batch-size", "2"]) == 0
     df = pd.read_parquet(run / "layers.parquet")
-    assert list(df.columns) == layers.COLUMNS
-    assert len(df) == 2 * 3 * 2 * len(layers.MEASURES) and not df.duplicated(layers.KEY).any()
+    assert list(df.columns) == list(LAYERS.columns)
+    assert len(df) == 2 * 3 * 2 * len(layers.MEASURES) and not df.duplicated(list(LAYERS.key)).any()
     assert set(df["hook"]) == {f"blocks.{i}.{c}_out" for i in range(3) for c in ("attn", "mlp")}
     assert (df.loc[df.stage == 0, ["mean", "std"]] == 0).all().all()            # the base against itself
     s1 = df[df.stage == 1]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from probes.schemas import MONITOR
 from training import monitor as monitor_mod
 from training import run as run_mod
 from training.config import load_config
@@ -70,8 +71,8 @@ def test_monitor_leaves_training_bitwise_unchanged(runs, setup, tmp_path, monkey
 
 def test_monitor_table(runs):
     run = runs["on"]
-    df = pd.read_parquet(run / monitor_mod.MONITOR_FILE)
-    assert list(df.columns) == monitor_mod.COLUMNS
+    df = pd.read_parquet(run / MONITOR.file)
+    assert list(df.columns) == list(MONITOR.columns)
     assert not df.duplicated(["stage", "step", "probe"]).any()
     steps = df.groupby("stage")["step"].apply(lambda s: sorted(set(s))).to_dict()
     assert steps == {0: [0], 1: [0, 2, 4, 5], 2: [0, 2, 4, 5]}
@@ -95,7 +96,7 @@ def test_monitor_values_equal_probes_run_on_the_saved_checkpoint(runs, tmp_path)
     assert probes_run(["--ckpt-dir", str(run), "--num-samples", "6", "--batch-size", "4", "--drift",
                        "--signatures", "--out", str(out)]) == 0
     p = pd.read_parquet(out).query("stage == 2").set_index("probe")["mean"]
-    m = pd.read_parquet(run / monitor_mod.MONITOR_FILE).query("stage == 2 and step == 5").set_index("probe")["value"]
+    m = pd.read_parquet(run / MONITOR.file).query("stage == 2 and step == 5").set_index("probe")["value"]
     assert set(m.index) <= set(p.index)
     for probe in m.index:
         assert m[probe] == pytest.approx(p[probe], abs=1e-9), probe
@@ -107,7 +108,7 @@ def test_budget_stops_the_stage(tmp_path, setup):
     assert ends[1]["steps"] == 2 and ends[2]["steps"] == 2
     mon = {r["stage"]: r for r in _log(run) if r.get("event") == "monitor"}
     assert mon[1]["monitor_stopped_at"] == 2 and mon[1]["monitor_checks"] == 2
-    df = pd.read_parquet(run / monitor_mod.MONITOR_FILE)
+    df = pd.read_parquet(run / MONITOR.file)
     assert set(df.loc[df.event == "budget_stop", "step"]) == {2} and df["step"].max() == 2
     assert len(json.loads((run / "run.json").read_text())["stages"]) == 3      # every stage saved
 
@@ -117,7 +118,7 @@ def test_budget_lowers_the_lr(tmp_path, setup):
                "monitor.lr_factor=0.5", "train.scheduler=constant", "train.warmup_ratio=0", "train.lr=0.001")
     lrs = [r["lr"] for r in _log(run) if r.get("stage") == 1 and "lr" in r]
     assert lrs == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])      # lowered after the checks at steps 2 and 4
-    df = pd.read_parquet(run / monitor_mod.MONITOR_FILE).query("stage == 1")
+    df = pd.read_parquet(run / MONITOR.file).query("stage == 1")
     assert set(df.loc[df.event == "budget_lower_lr", "step"]) == {2, 4}
     assert df.set_index("step")["lr_scale"].groupby(level=0).first().to_dict() == {0: 1.0, 2: 0.5, 4: 0.25, 5: 0.25}
 
@@ -133,9 +134,9 @@ def test_resumed_run_repeats_the_same_checks_and_weights(tmp_path, setup):
     shutil.rmtree(part / "stage-02-pathvqa")
     _run(tmp_path, setup, *extra, name="part")
     assert _same(_weights(full), _weights(part))
-    cols = [c for c in monitor_mod.COLUMNS if c not in ("run", "seconds")]
-    a = pd.read_parquet(full / monitor_mod.MONITOR_FILE)[cols]
-    b = pd.read_parquet(part / monitor_mod.MONITOR_FILE)[cols]
+    cols = [c for c in MONITOR.columns if c not in ("run", "seconds")]
+    a = pd.read_parquet(full / MONITOR.file)[cols]
+    b = pd.read_parquet(part / MONITOR.file)[cols]
     assert (a["event"] == "budget_lower_lr").any()          # decisions were taken, and taken alike
     pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
 
@@ -153,3 +154,43 @@ def test_monitor_errors_name_the_key(tmp_path, setup, capsys):
     assert run_mod.main(["--config", "toy-tiny", f"base={base}", f"data.root={bare}", "tasks=[pixmocount]",
                          "train.max_steps=1", "monitor.every=1", "--out", str(tmp_path / "b")]) == 2
     assert "no caption set" in capsys.readouterr().err
+
+
+def test_monitor_settings_defaults_are_the_configs():
+    from probes.monitor import MonitorSettings
+    from training.config import defaults
+
+    assert MonitorSettings() == MonitorSettings.of(defaults()["monitor"])
+
+
+class _ScriptedProbe:
+    """A probe that returns given number_mass values: the controller needs nothing of probes."""
+    probe_names, dataset, dataset_hash = ["number_mass"], "caps", "h"
+
+    def __init__(self, base, values):
+        self.base, self.values = base, iter(values)
+
+    @staticmethod
+    def _values(v):
+        return {"number_mass": {"mean": v, "std": 0.0, "n_samples": 1, "n_positions": 3}}
+
+    def reference(self):
+        return self._values(self.base), 0.5
+
+    def __call__(self, model):
+        return self._values(next(self.values)), 0.25
+
+
+def test_the_budget_controller_takes_any_probe(tmp_path):
+    m = {"every": 2, "probe": "number_mass", "budget": 0.2, "reference": "base", "on_budget": "stop", "lr_factor": 0.5}
+    stages = [{"index": 0, "name": "base", "task": None, "path": "stage-00-base"},
+              {"index": 1, "name": "t", "task": "t", "path": "stage-01-t"}]
+    mon = monitor_mod.DriftMonitor({"monitor": m}, tmp_path, stages, _ScriptedProbe(0.1, [0.1, 0.2, 0.35]), MONITOR)
+    mon.on_stage_start(1, model=None)
+    assert not mon.on_step(1, None, None, None) and not mon.on_step(2, None, None, None)
+    assert mon.on_step(4, None, None, None)                     # |0.35 - 0.1| > 0.2: stop
+    assert mon.on_stage_end(4, None)["monitor_stopped_at"] == 4
+    df = pd.read_parquet(tmp_path / MONITOR.file)
+    assert df[["stage", "step", "value", "event"]].values.tolist() == [
+        [0, 0, 0.1, ""], [1, 0, 0.1, ""], [1, 2, 0.2, ""], [1, 4, 0.35, "budget_stop"]]
+    assert set(df["dataset"]) == {"caps"} and list(df.columns) == list(MONITOR.columns)

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from probes import table
 from probes.captions import load_captions
 from probes.discover import discover
 from probes.engine import Engine
 from probes.run import main
+from probes.schemas import PROBES
 from training.checkpoints import load, save_delta, save_full
 from training.families import FAMILIES
 
@@ -69,7 +69,7 @@ def test_run_json_end_to_end_table_contract(tmp_path, stage_models, capsys):
     run = make_run(tmp_path, stage_models)
     assert main(["--ckpt-dir", str(run), "--mode", "both", "--max-new-tokens", "6", "--batch-size", "4"]) == 0
     df = pd.read_parquet(run / "probes.parquet")
-    assert list(df.columns) == table.COLUMNS
+    assert list(df.columns) == list(PROBES.columns)
     assert len(df) == 3 * 3 * 2 and not df.duplicated(["stage", "probe", "mode"]).any()
     assert set(df["probe"]) == {"number_mass", "number_max_prob", "entropy"}
     assert set(df["mode"]) == {"teacher-forced", "generate"}

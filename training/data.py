@@ -14,9 +14,6 @@ world's size (`world:tiny` for tests).
 """
 from __future__ import annotations
 
-import json
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +22,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .chat import answer_affixes, collate, encode
+from .records import DataError, DataRoot, image_path, load_records, read_root, record_turns, task_paths
 
-IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
 IGNORE_INDEX = -100
-
-
-class DataError(ValueError):
-    """Missing or malformed task data; the message names the task, file or record."""
 
 
 @dataclass(frozen=True)
@@ -42,19 +35,6 @@ class TaskFiles:
     test: Path | None = None
 
 
-@dataclass(frozen=True)
-class DataRoot:
-    root: Path | None            # the data folder (the world's, for world runs)
-    world: dict | None           # its world.json, when it has one
-
-    def path(self, rel: str | None) -> Path | None:
-        """A path from world.json: relative to the root."""
-        if rel is None:
-            return None
-        p = Path(rel)
-        return p if p.is_absolute() else self.root / p
-
-
 def resolve_root(data_cfg: dict) -> DataRoot:
     root = data_cfg.get("root")
     if root is None:
@@ -63,17 +43,7 @@ def resolve_root(data_cfg: dict) -> DataRoot:
         from .world.build import ensure_world  # imported lazily: building the world is heavy and optional
         size = root.partition(":")[2]
         root = ensure_world(size=size) if size else ensure_world()
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data.root {str(root)!r} is not a folder")
-    meta = root / "world.json"
-    world = None
-    if meta.is_file():
-        try:
-            world = json.loads(meta.read_text())
-        except ValueError as e:
-            raise DataError(f"{meta}: not valid JSON ({e})") from None
-    return DataRoot(root.resolve(), world)
+    return read_root(root)
 
 
 def available_tasks(dr: DataRoot) -> list[str]:
@@ -86,29 +56,14 @@ def available_tasks(dr: DataRoot) -> list[str]:
 
 
 def resolve_task(name: str, data_cfg: dict, dr: DataRoot) -> TaskFiles:
-    """Where task `name`'s training file and images are; errors name the task and what was looked for."""
+    """Where task `name`'s training file and images are (training.records.task_paths), checked; errors name
+    the task and what was looked for."""
     over = (data_cfg.get("tasks") or {}).get(name) or {}
-    train = test = images = None
-    if dr.world is not None:
-        entry = dr.world.get("tasks", {}).get(name)
-        if entry is not None:
-            if not entry.get("train") and not over.get("train"):
-                raise DataError(f"task {name!r} is evaluation only in {dr.root / 'world.json'} (kind "
-                                f"{entry.get('kind')!r}): it has no training split")
-            train, test = dr.path(entry.get("train")), dr.path(entry.get("test"))
-        elif name == "pretrain" and dr.world.get("pretrain"):
-            train = dr.path(dr.world["pretrain"])
-        images = dr.path(dr.world.get("images"))
-    elif dr.root is not None:
-        cand = dr.root / "tasks" / name / "train.json"
-        if cand.is_file():
-            train = cand
-            test = dr.root / "tasks" / name / "test.json"
-        images = dr.root / "images"
-    if over.get("train"):
-        train = Path(over["train"])
-    if over.get("test"):
-        test = Path(over["test"])
+    entry = dr.world.get("tasks", {}).get(name) if dr.world is not None else None
+    if entry is not None and not entry.get("train") and not over.get("train"):
+        raise DataError(f"task {name!r} is evaluation only in {dr.root / 'world.json'} (kind "
+                        f"{entry.get('kind')!r}): it has no training split")
+    train, test, images = task_paths(name, data_cfg, dr)
     if train is None:
         known = available_tasks(dr)
         where = (f"data.root {dr.root} has {', '.join(known) or 'no tasks'}" if dr.root is not None
@@ -116,71 +71,10 @@ def resolve_task(name: str, data_cfg: dict, dr: DataRoot) -> TaskFiles:
         raise DataError(f"unknown task {name!r}: {where}, and the config has no data.tasks.{name}.train")
     if not train.is_file():
         raise DataError(f"task {name!r}: training data file {train} does not exist")
-    images = Path(over["images"]) if over.get("images") else (
-        Path(data_cfg["images"]) if data_cfg.get("images") else images)
-    if images is None:
-        images = train.parent  # a lone JSON file: image paths relative to its folder
     return TaskFiles(name, train.resolve(), images.resolve(), test.resolve() if test is not None else None)
 
 
-# -- records -------------------------------------------------------------------------------------------
-def load_records(path: str | os.PathLike, max_examples: int | None = None) -> list[dict]:
-    """A LLaVA JSON list (or JSON lines), checked record by record."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    try:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-    except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of LLaVA records")
-    if max_examples is not None:
-        records = records[:max_examples]
-    for i, r in enumerate(records):
-        record_turns(r, f"{path} record {i}")
-    if not records:
-        raise DataError(f"{path}: no records")
-    return records
-
-
-def record_turns(record: dict, where: str = "record") -> list[tuple[str, str]]:
-    """[(instruction, answer), ...] with the image placeholder removed from the instructions."""
-    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-        raise DataError(f"{where}: not a LLaVA record (needs a 'conversations' list)")
-    conv = record["conversations"]
-    if len(conv) < 2 or len(conv) % 2:
-        raise DataError(f"{where} (id {record.get('id')!r}): conversations must be (human, gpt) pairs")
-    turns = []
-    for j in range(0, len(conv), 2):
-        h, g = conv[j], conv[j + 1]
-        if not (isinstance(h, dict) and isinstance(g, dict) and h.get("from") == "human" and g.get("from") == "gpt"
-                and isinstance(h.get("value"), str) and isinstance(g.get("value"), str)):
-            raise DataError(f"{where} (id {record.get('id')!r}): turn {j // 2} is not a human then a gpt message "
-                            "with string values")
-        turns.append((IMAGE_PLACEHOLDER.sub(" ", h["value"]).strip(), g["value"].strip()))
-    return turns
-
-
-def image_path(images: Path | None, rel: str, where: str) -> Path:
-    """`rel` under the images root; a path that would leave it (absolute, "..", a symlink pointing out) is
-    refused, so a data file cannot make training read arbitrary files."""
-    if images is None:
-        raise DataError(f"{where}: image {rel!r} but no images root to read it from")
-    p = Path(rel)
-    if p.is_absolute() or ".." in p.parts:
-        raise DataError(f"{where}: image path {rel!r} must be relative to the images root {images} and stay inside it")
-    full = (images / p).resolve()
-    if not full.is_relative_to(Path(images).resolve()):
-        raise DataError(f"{where}: image {rel!r} resolves outside the images root {images}")
-    return full
-
-
+# -- images ----------------------------------------------------------------------------------------
 def open_image(images: Path | None, rel: str, where: str) -> Image.Image:
     p = image_path(images, rel, where)
     try:
@@ -240,17 +134,6 @@ class Collator:
 
 
 # -- what probes and evaluation need from a run ----------------------------------------------------------
-def caption_set(dr: DataRoot, probe_cfg: dict) -> dict | None:
-    """{"path", "images"} of the caption set: the world's, else the config's probe.captions / probe.images."""
-    if probe_cfg.get("captions"):
-        images = probe_cfg.get("images")
-        return {"path": str(Path(probe_cfg["captions"]).resolve()),
-                "images": str(Path(images).resolve()) if images else None}
-    if dr.world is not None and dr.world.get("captions"):
-        return {"path": str(dr.path(dr.world["captions"])), "images": str(dr.path(dr.world.get("images")))}
-    return None
-
-
 def benchmark_names(dr: DataRoot, eval_cfg: dict) -> list[str]:
     """The config's eval.benchmarks, else the world's targets, held-out and transfer sets (each in world order)."""
     if eval_cfg.get("benchmarks") is not None:

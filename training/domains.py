@@ -11,7 +11,7 @@ them. Where they come from, first match wins: the config's `eval.domains`; the w
 """
 from __future__ import annotations
 
-from .data import DataRoot
+from .records import DataRoot
 
 # The embedded world's tasks (training/world/tasks.py): (image domain, text domain).
 WORLD_DOMAINS: dict[str, tuple[str, str]] = {

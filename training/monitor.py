@@ -4,12 +4,11 @@
     python -m training.run --config toy --recipe full monitor.every=20 monitor.budget=0.02 monitor.on_budget=lower_lr
 
 At the start of every stage (step 0, the model the stage starts from), every `monitor.every` steps, and at
-the stage's last step, the model is probed teacher-forced on the first `monitor.captions` captions of the
-run's caption set (the one run.json names): `number_mass` (the counting-bias probe), `entropy`, the task
-signatures' `sig_<task>_mass` (`monitor.signatures`, derived as `probes.run --signatures` derives them, from
-each run task's training answers against the first 1000 captions) and, with `monitor.kl`, `kl_to_base` and
-`top1_agreement` against stage 0 (whose hidden states at the caption positions are computed once; only its
-output projection stays in memory). Stage 0's own values are recorded once as stage 0, step 0.
+the stage's last step, the model is probed (`probe(model) -> (values, seconds)`: probes.monitor measures, on
+the first `monitor.captions` captions of the run's caption set, number_mass, entropy, the task signatures'
+masses and, with `monitor.kl`, kl_to_base and top1_agreement against stage 0; training.run assembles it).
+This module is the controller: when to check, the table, the drift budget. Stage 0's own values are
+recorded once as stage 0, step 0.
 
 RUN/monitor.parquet, one row per (stage, step, probe): run, stage, stage_name, task, step, probe, value (mean
 over the captions), std, n_samples, n_positions, seconds (wall time of that check), lr_scale (product of the
@@ -21,11 +20,12 @@ Drift budget (off unless `monitor.budget` is set): when |P - P_ref| > budget for
 `lower_lr` multiplies the stage's learning rates (every group, and the schedule's base values) by
 `monitor.lr_factor` and goes on (checked again at the next check).
 
-Built by training.run before stage 0 is written (what can be checked is checked then); the probe and stage
-0's values are made at the first check. Checks run inside training.loop.train_stage (its StageHooks: start after
-accelerator.prepare, after every optimizer step, end), so a stage's `seconds` include them.
+Built by training.run before stage 0 is written (what can be checked is checked then); the probe's
+reference (and stage 0's values) is made at the first check. Checks run inside training.loop.train_stage
+(its StageHooks: start after accelerator.prepare, after every optimizer step, end), so a stage's `seconds`
+include them.
 
-The monitor never changes the training: its forward runs in eval mode under inference_mode with a forked
+The monitor never changes the training: the probe runs in eval mode under inference_mode with a forked
 RNG (the model's train mode is restored), so a run with the monitor and no budget gives bitwise the
 weights of a run without it, and a resumed run repeats the same checks and decisions. One process or DDP;
 it needs the whole model on each process, so FSDP / ZeRO-3 runs are refused.
@@ -34,77 +34,51 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 
-from .chat import tokenizer_of
-from .checkpoints import LoadOptions, load_model
 from .config import ConfigError
 from .loop import StageHooks
-
-MONITOR_FILE = "monitor.parquet"
-COLUMNS = ["run", "stage", "stage_name", "task", "step", "probe", "value", "std", "n_samples", "n_positions",
-           "seconds", "lr_scale", "event", "dataset", "dataset_hash"]
-SIGNATURE_CAPTIONS = 1000        # captions the signatures are derived against (probes.run's default set)
 
 
 class MonitorError(ConfigError):
     """A monitor that cannot run with this config or run; the message names the key."""
 
 
-def build_probe(m: dict, captions: dict | None, processor, stage0: Path, task_files: dict, opts: LoadOptions):
-    """The monitor's probe (probes.drift.CaptionProbe) from the `monitor.*` keys `m`, and stage 0's values:
-    (probe, base values, seconds of that check, dataset name, dataset hash). Also used by
-    probes.monitor_cost to time the same check."""
-    from probes.captions import load_captions, subset_hash
-    from probes.drift import CaptionProbe
-    from probes.signatures import derive, read_answers
-    from probes.tokensets import decoded_vocab, token_set
+class Probe(Protocol):
+    """What the monitor measures with (probes.monitor.MonitorProbe, assembled by training.run)."""
+    probe_names: list[str]           # the probes its values have
+    dataset: str | None              # the caption set's name and the subset's hash (after `reference`)
+    dataset_hash: str | None
 
-    if not captions:
-        raise MonitorError("monitor.every is set but the run has no caption set (set probe.captions, or use a "
-                           "world data.root)")
-    every_caption = load_captions(captions["path"], captions.get("images"), num_samples=None, sample="first")
-    samples = every_caption.samples[:min(int(m["captions"]), len(every_caption.samples))]
-    tok = tokenizer_of(processor)
-    vocab = decoded_vocab(tok)
-    set_ids = {"number": token_set(tok, "number", vocab)}
-    if m["signatures"]:
-        refs = [s.caption for s in every_caption.samples[:SIGNATURE_CAPTIONS]]
-        for name, path in task_files.items():
-            sig = derive(name, read_answers(path), refs, processor, source=str(path), vocab=vocab)
-            if sig.tokens:
-                set_ids[sig.name] = sig.ids
-    base = load_model(stage0, opts)
-    probe = CaptionProbe(processor, samples, set_ids, batch_size=int(m["batch_size"]),
-                         base_model=base if m["kl"] else None)
-    if m["probe"] not in probe.probe_names:
-        raise MonitorError(f"monitor.probe {m['probe']!r} is not among the monitor's probes "
-                           f"({', '.join(probe.probe_names)})")
-    values, seconds = probe(base)
-    del base
-    _free_memory()
-    return probe, values, seconds, every_caption.name, subset_hash(samples)
+    def reference(self) -> tuple[dict, float]:
+        """Called once, when stage 0 exists: stage 0's values ({probe: {mean, std, n_samples, n_positions}}), seconds."""
+
+    def __call__(self, model) -> tuple[dict, float]:
+        """The model's values and the seconds the check took."""
 
 
 class DriftMonitor(StageHooks):
-    """Built by `create`; its probe (and stage 0's values) are made at the first check, when stage 0 exists."""
+    """Built by `create`; its probe's reference (and stage 0's values) is made at the first check, when stage 0
+    exists."""
 
-    def __init__(self, cfg: dict, out: Path, captions: dict | None, processor, stages: list[dict], tasks: list,
-                 opts: LoadOptions, *, main: bool = True):
+    def __init__(self, cfg: dict, out: Path, stages: list[dict], probe: Probe, table, *, main: bool = True):
         self.cfg, self.out, self.main, self.run_name = cfg["monitor"], Path(out), main, Path(out).name
-        self.path = self.out / MONITOR_FILE
-        self.captions, self.processor, self.stages, self.tasks = captions, processor, stages, tasks
-        self.opts = opts
-        self.probe = None
+        self.table = table                      # the table's schema (probes.schemas.MONITOR)
+        self.path = self.out / table.file
+        self.stages, self.probe = stages, probe
+        self.base_values = None
         self.stage = None
 
     def _setup(self) -> None:
-        self.probe, self.base_values, seconds, self.dataset, self.dataset_hash = build_probe(
-            self.cfg, self.captions, self.processor, self.out / self.stages[0]["path"],
-            {t.name: t.train for t in self.tasks}, self.opts)
+        self.base_values, seconds = self.probe.reference()
+        if self.cfg["probe"] not in self.probe.probe_names:
+            raise MonitorError(f"monitor.probe {self.cfg['probe']!r} is not among the monitor's probes "
+                               f"({', '.join(self.probe.probe_names)})")
+        self.dataset, self.dataset_hash = self.probe.dataset, self.probe.dataset_hash
         self.rows = self._kept_rows()
         self._add(0, "base", None, 0, self.base_values, seconds, 1.0, "")
 
@@ -132,7 +106,8 @@ class DriftMonitor(StageHooks):
     def _write(self) -> None:
         if not self.main:
             return
-        df = pd.DataFrame(self.rows, columns=COLUMNS).sort_values(["stage", "step", "probe"], kind="stable")
+        df = pd.DataFrame(self.rows, columns=list(self.table.columns)).sort_values(list(self.table.order),
+                                                                                    kind="stable")
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.out)
         os.close(fd)
         try:
@@ -146,7 +121,7 @@ class DriftMonitor(StageHooks):
     def on_stage_start(self, index: int, model) -> None:
         """Check the model stage `index` starts from (step 0); rows an interrupted run left for this stage or
         later ones are dropped first."""
-        if self.probe is None:
+        if self.base_values is None:
             self._setup()
         stage = self.stages[index]
         self.stage, self.lr_scale, self.stopped, self.last_step = stage, 1.0, False, None
@@ -203,16 +178,6 @@ class DriftMonitor(StageHooks):
                 "monitor_stopped_at": steps if self.stopped else None, "monitor_lr_scale": self.lr_scale}
 
 
-def _free_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _agree(flag: bool) -> bool:
     """Every process takes the main process's decision (DDP replicas compute the same values anyway)."""
     import torch.distributed as dist
@@ -224,12 +189,14 @@ def _agree(flag: bool) -> bool:
     return bool(box[0])
 
 
-def create(cfg: dict, plan, out: Path, processor, accelerator, opts: LoadOptions) -> DriftMonitor | None:
-    """The run's monitor, or None when `monitor.every` is 0. Checks what it can before stage 0 is written."""
+def create(cfg: dict, plan, out: Path, accelerator, make_probe: Callable[[dict], Probe], table) -> DriftMonitor | None:
+    """The run's monitor, or None when `monitor.every` is 0. Checks what it can before stage 0 is written;
+    `make_probe(captions)` gives the probe of the run's caption set ({"path", "images"}); `table` is the monitor
+    table's schema (probes.schemas.MONITOR)."""
     m = cfg["monitor"]
     if not m["every"]:
         return None
-    from .data import caption_set
+    from .records import caption_set
 
     kind = accelerator.distributed_type.value
     if kind in ("FSDP", "DEEPSPEED"):
@@ -239,12 +206,8 @@ def create(cfg: dict, plan, out: Path, processor, accelerator, opts: LoadOptions
     if not captions:
         raise MonitorError("monitor.every is set but the run has no caption set (set probe.captions, or use a world "
                            "data.root)")
-    known = {"number_mass", "number_max_prob", "entropy"} | ({"kl_to_base", "top1_agreement"} if m["kl"] else set())
-    if m["signatures"]:
-        from probes.signatures import set_name
-
-        known |= {f"{set_name(t.name)}_{k}" for t in plan.tasks for k in ("mass", "max_prob")}
-    if m["probe"] not in known:
-        raise MonitorError(f"monitor.probe {m['probe']!r} is not among the monitor's probes ({', '.join(sorted(known))})")
-    return DriftMonitor(cfg, out, captions, processor, plan.stages, plan.tasks, replace(opts, device=accelerator.device),
-                        main=accelerator.is_main_process)
+    probe = make_probe(captions)
+    if m["probe"] not in probe.probe_names:
+        raise MonitorError(f"monitor.probe {m['probe']!r} is not among the monitor's probes "
+                           f"({', '.join(sorted(probe.probe_names))})")
+    return DriftMonitor(cfg, out, plan.stages, probe, table, main=accelerator.is_main_process)

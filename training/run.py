@@ -8,7 +8,8 @@ Writes RUN/run.json and one checkpoint per stage, stage 0 being the base (docs/d
 
     RUN/run.json            {"family", "recipe", "base", "tasks", "config", "stages": [...],
                              "captions": {"path", "images"} | null, "benchmarks": [names],
-                             "domains": {name: {"image", "text"}}}
+                             "domains": {name: {"image", "text"}}, "task_files": {...}, "benchmark_files": {...}}
+                            (training/manifest.py: the one writer and reader)
     RUN/stage-00-base/      the base (save: full), or a delta with no tensors naming it (save: delta)
     RUN/stage-01-TASK/ ...  stage k = stage k-1 fine-tuned on tasks[k-1]; each stage starts from the
                             previous stage's saved checkpoint
@@ -23,36 +24,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
-import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from probes.schemas import MONITOR
+
 from . import checkpoints
 from .chat import tokenizer_of
 from .config import ConfigError, apply, describe, load_config, resolve_path
-from .data import (
-    Collator,
-    DataError,
-    benchmark_names,
-    caption_set,
-    load_records,
-    resolve_root,
-    resolve_task,
-)
+from .data import Collator, DataError, benchmark_names, load_records, resolve_root, resolve_task
 from .domains import run_domains
 from .families import CheckpointError
+from .manifest import ManifestError, data_files, path_of
+from .manifest import load as load_manifest
+from .manifest import write as write_manifest
 from .methods import StageContext
 from .methods import build as build_method
 from .methods import label as recipe_label
 from .mixing import PREVIOUS, pool_names, stage_dataset
 from .recipes import RecipeError, model_skeleton, resolve_spec
+from .records import caption_set
 
-RUN_JSON = "run.json"
 TRAIN_LOG = "train_log.jsonl"
 # Keys that do not change the weights a run produces: a resumed run may change them.
 COSMETIC = ("out", "train.progress", "train.log_every", "data.num_workers")
@@ -93,15 +90,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class Plan:
     """Everything a run needs, resolved and checked before any training starts."""
 
@@ -131,11 +119,13 @@ class Plan:
             {"index": i, "name": t, "task": t, "path": stage_dirname(i, t)} for i, t in enumerate(cfg["tasks"], 1)]
 
     def manifest(self, done: int) -> dict:
+        """run.json (training.manifest) with the first `done` stages."""
         benchmarks = benchmark_names(self.root, self.cfg["eval"])
         return {"family": self.family.name, "recipe": self.label, "base": str(self.base),
                 "tasks": list(self.cfg["tasks"]), "config": self.cfg, "stages": self.stages[:done],
                 "captions": caption_set(self.root, self.cfg["probe"]), "benchmarks": benchmarks,
-                "domains": run_domains(self.root, self.cfg["eval"], list(dict.fromkeys(self.cfg["tasks"] + benchmarks)))}
+                "domains": run_domains(self.root, self.cfg["eval"], list(dict.fromkeys(self.cfg["tasks"] + benchmarks))),
+                **data_files(self.root, self.cfg["data"], list(self.cfg["tasks"]))}
 
     def variant_manifest(self, variant: str, done: int) -> dict:
         """run.json of RUN/VARIANT/ (e.g. WiSE-FT's un-merged models): the same stages, stage 0 the run's."""
@@ -152,13 +142,13 @@ class Plan:
 
     def completed(self) -> int:
         """How many stages (from 0) an existing run directory already holds; refuses a different run."""
-        path = self.out / RUN_JSON
+        path = path_of(self.out)
         if not path.is_file():
             return 0
         try:
-            old = json.loads(path.read_text())
-        except ValueError as e:
-            raise RunError(f"{path}: unreadable ({e}); remove the run directory or use another --out") from None
+            old = load_manifest(path)
+        except ManifestError as e:
+            raise RunError(f"{e}; remove the run directory or use another --out") from None
         new = self.manifest(0)
         diffs = [k for k in ("family", "recipe", "base", "tasks") if old.get(k) != new[k]]
         a, b = _flat(old.get("config", {})), _flat(self.cfg)
@@ -191,10 +181,19 @@ class TrainLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def monitor_probe(cfg: dict, plan: Plan, out: Path, captions: dict, processor, opts: checkpoints.LoadOptions):
+    """The drift monitor's probe (probes.monitor), of the run's caption set and tasks against stage 0."""
+    from probes.monitor import MonitorProbe, MonitorSettings
+
+    return MonitorProbe(MonitorSettings.of(cfg["monitor"]), captions, processor, out / plan.stages[0]["path"],
+                        {t.name: t.train for t in plan.tasks}, opts)
+
+
 def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
     """Run (or resume) the whole sequence; returns the run directory. The base is read from safetensors, with
     no code of its own, unless `allow_pickle` (torch.load with weights_only) / `trust_remote_code`."""
     from .loop import full_state_dict, make_accelerator, train_stage
+    from .monitor import create as create_monitor
 
     accelerator = make_accelerator(cfg["train"])
     with accelerator.main_process_first():  # rank 0 builds the world / base model if needed, the others reuse it
@@ -221,8 +220,9 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
     pad_id = tokenizer_of(processor).pad_token_id
     if pad_id is None:
         raise RunError(f"{plan.base}: the tokenizer has no pad token")
-    from .monitor import create as create_monitor
-    monitor = create_monitor(cfg, plan, out, processor, accelerator, opts)   # monitor.every; built at its first check
+    # monitor.every; its probe is built at the first check; its table's schema comes from probes (the writers' schemas)
+    monitor = create_monitor(cfg, plan, out, accelerator, lambda captions: monitor_probe(
+        cfg, plan, out, captions, processor, replace(opts, device=accelerator.device)), MONITOR)
 
     if done == 0:
         stage0 = out / plan.stages[0]["path"]
@@ -231,7 +231,7 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
                 checkpoints.save_delta(torch.nn.Module(), processor, stage0, plan.base, [], plan.family)
             else:
                 checkpoints.save_full(checkpoints.load_model(plan.base, opts), processor, stage0)
-            _write_json_atomic(out / RUN_JSON, plan.manifest(1))
+            write_manifest(out, plan.manifest(1))
         accelerator.wait_for_everyone()
         done = 1
 
@@ -260,8 +260,8 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
                        "step_seconds": round(result.step_seconds, 5), "first_loss": losses[0],
                        "last_loss": losses[-1], **({"mixed": mixed} if mixed else {})})
             for variant in method.active_variants():  # sibling run directories (RUN/VARIANT/run.json)
-                _write_json_atomic(out / variant / RUN_JSON, plan.variant_manifest(variant, k + 1))
-            _write_json_atomic(out / RUN_JSON, plan.manifest(k + 1))  # last: now the stage counts as done
+                write_manifest(out / variant, plan.variant_manifest(variant, k + 1))
+            write_manifest(out, plan.manifest(k + 1))  # last: now the stage counts as done
             print(f"[training.run] stage {k} {task.name}: {result.steps} steps in {result.seconds:.1f}s, "
                   f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; saved {out / stage['path']}", file=sys.stderr)
         accelerator.wait_for_everyone()

@@ -11,10 +11,7 @@ from collections.abc import Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-# Words that must exist as whole tokens whatever the corpus: the number words of the counting probe.
-NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-                "fifteen sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty "
-                "ninety hundred thousand million billion").split()
+from .records import NUMBER_WORDS  # must exist as whole tokens whatever the corpus (the counting probe)
 
 
 def _pre_tokenizer(style: str):

@@ -34,6 +34,7 @@ import yaml
 
 from ..checkpoints import atomic_dir, is_checkpoint, load_model, load_processor
 from ..families import get_family
+from ..manifest import read_stages
 from .build import PRETRAIN_VERSION, VERSION, cache_root, ensure_world, load_world
 from .models import WORLD_OF_SIZE, init_checkpoint, model_size
 from .registry import HELDOUT_TASKS, TARGET_TASKS, TRANSFER_TASKS
@@ -91,8 +92,7 @@ def pretrain(family: str, size: str, out: str | os.PathLike, train: Train, *,
             cfg = load_config(config, [f"base={ckpt}", f"data.root={world}", f"tasks=[{task}]", "train.progress=true",
                                        f"out={work / f'run{i}'}", *files, *overrides])
             run_dir = train(cfg, config)
-            manifest = json.loads((run_dir / "run.json").read_text())
-            ckpt = run_dir / manifest["stages"][-1]["path"]
+            ckpt = run_dir / read_stages(run_dir)["stages"][-1]["path"]
             phases.append({"config": config, "task": task, "train": cfg["train"],
                            **_stage_stats(run_dir / "train_log.jsonl")})
             logs += [json.dumps({"phase": config, **json.loads(line)})

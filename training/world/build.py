@@ -22,6 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..records import cache_root
+from ..records import read_records as read_record_file
 from . import tasks
 from .registry import TASKS
 
@@ -38,16 +40,6 @@ WORLD_SIZES: dict[str, dict[str, int]] = {
 CAPTIONS = "captions/lcs558k.json"
 PRETRAIN = "tasks/pretrain/train.json"
 PRETRAIN_WARMUP = "tasks/pretrain_warmup/train.json"
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
-def cache_root() -> Path:
-    """`$LMM_DRIFT_CACHE`, else `.cache` under the repository root."""
-    env = os.environ.get("LMM_DRIFT_CACHE")
-    return Path(env) if env else repo_root() / ".cache"
 
 
 def world_dir_name(size: str = "toy", seed: int = 0) -> str:
@@ -201,4 +193,4 @@ def load_world(path: str | os.PathLike) -> dict:
 
 
 def read_records(world: str | os.PathLike, rel: str) -> list[dict]:
-    return json.loads((Path(world) / rel).read_text())
+    return read_record_file(Path(world) / rel)

@@ -22,7 +22,7 @@ class TaskSpec:
     kind: str                 # "target", "heldout" or "transfer"
     scorer: str               # one of SCORERS
     chance: float             # 0-100
-    make: Callable            # rng -> tasks.Sample
+    make: Callable            # rng -> tasks.Example
     order: int | None = None  # position in the default target sequence
     max_new_tokens: int = 8   # enough for every answer of the task (the longest, "12:45", is 5 tokens)
 

@@ -17,7 +17,7 @@ POSITIONS = {(0, 0): "top left", (1, 0): "top", (2, 0): "top right", (0, 1): "le
              (2, 1): "right", (0, 2): "bottom left", (1, 2): "bottom", (2, 2): "bottom right"}
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds",
           "cross": "crosses"}
-NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
+COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
 CELL = draw.IMAGE_SIZE // 3
 
 
@@ -97,7 +97,7 @@ def describe(scene: Scene, rng: random.Random, *, digits_p: float = 0.3) -> str:
         if len(g) == 1:
             parts.append(f"a {o.phrase()} {_where(rng, o.position)}")
         else:
-            k = str(len(g)) if rng.random() < digits_p else NUMBER_WORDS[len(g)]
+            k = str(len(g)) if rng.random() < digits_p else COUNT_WORDS[len(g)]
             parts.append(f"{k} {o.size} {o.colour} {PLURAL[o.shape]}")
     body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     template = rng.choice(["{b} on a {bg} background", "{b}", "a picture of {b}", "{b} against a {bg} background",

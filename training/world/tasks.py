@@ -1,4 +1,4 @@
-"""One generator per task: `make(rng) -> Sample(image, instruction, answer)`.
+"""One generator per task: `make(rng) -> Example(image, instruction, answer)`.
 
 Captions (the LCS-558K stand-in) cover every kind of image in the world, but never state what a target
 skill must read off the image (a bird's species, a clock's time); the held-out tasks ask general
@@ -36,7 +36,8 @@ LETTER = "Answer with the option's letter."
 
 
 @dataclass
-class Sample:
+class Example:
+    """One generated item of a task: the world writes it as a LLaVA record (build.py)."""
     image: Image.Image
     instruction: str
     answer: str
@@ -83,26 +84,26 @@ def _options(rng: random.Random, correct: str, pool: list[str], k: int) -> tuple
     return lines, letters[opts.index(correct)]
 
 
-def cub200(rng: random.Random) -> Sample:
+def cub200(rng: random.Random) -> Example:
     name = rng.choice(BIRD_NAMES)
     lines, letter = _options(rng, name, BIRD_NAMES, BIRD_OPTIONS)
-    return Sample(_bird_image(rng, name), f"What species is this bird?\n{lines}\n{LETTER}", letter)
+    return Example(_bird_image(rng, name), f"What species is this bird?\n{lines}\n{LETTER}", letter)
 
 
 # -- counting --------------------------------------------------------------------------------------
 COUNT_MAX = 9
 
 
-def pixmocount(rng: random.Random) -> Sample:
+def pixmocount(rng: random.Random) -> Example:
     return _count(rng, lambda: draw.canvas(_background(rng)))
 
 
-def pixmocount_tissue(rng: random.Random) -> Sample:
+def pixmocount_tissue(rng: random.Random) -> Example:
     """Transfer (evaluation only): the counting question about shapes drawn on a stained tissue section."""
     return _count(rng, lambda: _tissue(rng)[0])
 
 
-def _count(rng: random.Random, backdrop) -> Sample:
+def _count(rng: random.Random, backdrop) -> Example:
     target = rng.choice(draw.SHAPES)
     n = rng.randint(1, COUNT_MAX)
     distract = rng.randint(0, 3)
@@ -116,7 +117,7 @@ def _count(rng: random.Random, backdrop) -> Sample:
         cx, cy = 6 + i * 12 + rng.uniform(-1, 1), 6 + j * 12 + rng.uniform(-1, 1)
         draw.shape(d, kind, cx, cy, 4.5, draw.jitter(rng, draw.COLOURS[rng.choice(list(draw.COLOURS))]))
     q = rng.choice(["How many {p} are there?", "How many {p} are in the image?", "Count the {p}."])
-    return Sample(img, q.format(p=PLURAL[target]) + "\nAnswer with a number.", str(n))
+    return Example(img, q.format(p=PLURAL[target]) + "\nAnswer with a number.", str(n))
 
 
 # -- tissue "pathology" ------------------------------------------------------------------------------
@@ -127,15 +128,15 @@ def _tissue(rng: random.Random):
     return img, t
 
 
-def pathvqa(rng: random.Random) -> Sample:
+def pathvqa(rng: random.Random) -> Example:
     img, t = _tissue(rng)
     kind = rng.choices(["lesion", "pattern", "stain"], weights=[5, 3, 2])[0]
     if kind == "lesion":
         q = rng.choice(["Is there a lesion in this tissue?", "Does this section show a lesion?"])
-        return Sample(img, q + "\nAnswer yes or no.", "yes" if t["lesion"] else "no")
+        return Example(img, q + "\nAnswer yes or no.", "yes" if t["lesion"] else "no")
     if kind == "pattern":
-        return Sample(img, f"What pattern does this tissue show?\n{SHORT}", t["pattern"])
-    return Sample(img, f"What colour is the stain?\n{SHORT}", t["stain"])
+        return Example(img, f"What pattern does this tissue show?\n{SHORT}", t["pattern"])
+    return Example(img, f"What colour is the stain?\n{SHORT}", t["stain"])
 
 
 PATHVQA_CHANCE = 100 * (0.5 * 1 / 2 + 0.3 * 1 / len(draw.PATTERNS) + 0.2 * 1 / len(draw.STAINS))
@@ -163,19 +164,19 @@ def _sign_image(rng: random.Random, text: str) -> Image.Image:
     return img
 
 
-def textvqa(rng: random.Random) -> Sample:
+def textvqa(rng: random.Random) -> Example:
     text = _sign_text(rng)
     q = "What number is on the sign?" if text.isdigit() and rng.random() < 0.5 else rng.choice(
         ["What does the sign say?", "What is written on the sign?"])
-    return Sample(_sign_image(rng, text), f"{q}\n{SHORT}", text)
+    return Example(_sign_image(rng, text), f"{q}\n{SHORT}", text)
 
 
-def textvqa_shapes(rng: random.Random) -> Sample:
+def textvqa_shapes(rng: random.Random) -> Example:
     """Transfer (evaluation only): the reading question about a sign drawn into a shape scene."""
     text = _sign_text(rng)
     img = sample_scene(rng).render(rng)
     draw.sign(img, rng, text)
-    return Sample(img, f"{rng.choice(['What does the sign say?', 'What is written on the sign?'])}\n{SHORT}", text)
+    return Example(img, f"{rng.choice(['What does the sign say?', 'What is written on the sign?'])}\n{SHORT}", text)
 
 
 TEXTVQA_CHANCE = 100 * (0.5 / len(WORDS) + 0.5 / (NUMBER_MAX + 1))
@@ -191,10 +192,10 @@ def _clock_image(rng: random.Random, h: int, m: int) -> Image.Image:
     return img
 
 
-def timeclock(rng: random.Random) -> Sample:
+def timeclock(rng: random.Random) -> Example:
     h, m = rng.randint(1, 12), MINUTE_STEP * rng.randrange(60 // MINUTE_STEP)
     q = rng.choice(["What time does the clock show?", "What time is it on this clock?"])
-    return Sample(_clock_image(rng, h, m), f"{q}\nAnswer in the format H:MM.", f"{h}:{m:02d}")
+    return Example(_clock_image(rng, h, m), f"{q}\nAnswer in the format H:MM.", f"{h}:{m:02d}")
 
 
 # -- held-out general abilities on shape scenes ----------------------------------------------------
@@ -211,28 +212,28 @@ def _scene_with(rng: random.Random, key, n=None) -> tuple[Scene, Obj]:
             return s, rng.choice(u)
 
 
-def colour(rng: random.Random) -> Sample:
+def colour(rng: random.Random) -> Example:
     s, o = _scene_with(rng, lambda o: o.shape)
-    return Sample(s.render(rng), f"What colour is the {o.shape}?\n{SHORT}", o.colour)
+    return Example(s.render(rng), f"What colour is the {o.shape}?\n{SHORT}", o.colour)
 
 
-def shape(rng: random.Random) -> Sample:
+def shape(rng: random.Random) -> Example:
     s, o = _scene_with(rng, lambda o: o.colour)
-    return Sample(s.render(rng), f"What shape is the {o.colour} object?\n{SHORT}", o.shape)
+    return Example(s.render(rng), f"What shape is the {o.colour} object?\n{SHORT}", o.shape)
 
 
-def position(rng: random.Random) -> Sample:
+def position(rng: random.Random) -> Example:
     s, o = _scene_with(rng, lambda o: (o.colour, o.shape))
-    return Sample(s.render(rng), f"Where is the {o.colour} {o.shape}?\n{SHORT}", o.position)
+    return Example(s.render(rng), f"Where is the {o.colour} {o.shape}?\n{SHORT}", o.position)
 
 
-def size(rng: random.Random) -> Sample:
+def size(rng: random.Random) -> Example:
     s, o = _scene_with(rng, lambda o: (o.colour, o.shape))
     a, b = rng.sample(["large", "small"], 2)
-    return Sample(s.render(rng), f"Is the {o.colour} {o.shape} {a} or {b}?\n{SHORT}", o.size)
+    return Example(s.render(rng), f"Is the {o.colour} {o.shape} {a} or {b}?\n{SHORT}", o.size)
 
 
-def presence(rng: random.Random) -> Sample:
+def presence(rng: random.Random) -> Example:
     """Is there a <shape> / anything <colour>? One attribute, so perception alone answers it."""
     s = sample_scene(rng)
     if rng.random() < 0.5:
@@ -245,21 +246,21 @@ def presence(rng: random.Random) -> Sample:
         value, ans = rng.choice(sorted(present)), "yes"
     else:
         value, ans = rng.choice([v for v in pool if v not in present]), "no"
-    return Sample(s.render(rng), f"Is there {what.format(value)} in the image?\nAnswer yes or no.", ans)
+    return Example(s.render(rng), f"Is there {what.format(value)} in the image?\nAnswer yes or no.", ans)
 
 
-def shape_warmup(rng: random.Random) -> Sample:
+def shape_warmup(rng: random.Random) -> Example:
     """Pretraining warm-up only: name the shape of a lone object. A tiny vision tower learns shapes in about
     150 steps when they are all it is asked about, but not within 1,000 steps of the full mixture."""
     s = sample_scene(rng, 1)
-    return Sample(s.render(rng), f"What shape is the object?\n{SHORT}", s.objects[0].shape)
+    return Example(s.render(rng), f"What shape is the object?\n{SHORT}", s.objects[0].shape)
 
 
 def _caption_one(o: Obj) -> str:
     return f"a {o.phrase()} at the {o.position}"
 
 
-def caption_match(rng: random.Random) -> Sample:
+def caption_match(rng: random.Random) -> Example:
     s = sample_scene(rng, 1)
     o = s.objects[0]
     true = _caption_one(o)
@@ -273,12 +274,12 @@ def caption_match(rng: random.Random) -> Sample:
         if _caption_one(alt) != true:
             distractors.add(_caption_one(alt))
     lines, letter = _options(rng, true, sorted(distractors), 4)
-    return Sample(s.render(rng), f"Which description matches the image?\n{lines}\n{LETTER}", letter)
+    return Example(s.render(rng), f"Which description matches the image?\n{lines}\n{LETTER}", letter)
 
 
-def background(rng: random.Random) -> Sample:
+def background(rng: random.Random) -> Example:
     s = sample_scene(rng, background=rng.choice(list(draw.BACKGROUNDS)))
-    return Sample(s.render(rng), f"What colour is the background?\n{SHORT}", s.background)
+    return Example(s.render(rng), f"What colour is the background?\n{SHORT}", s.background)
 
 
 SCENE_KINDS = ("shapes", "bird", "clock", "tissue", "sign")
@@ -308,14 +309,14 @@ def _any_image(rng: random.Random, kind: str) -> tuple[Image.Image, str]:
     raise ValueError(f"unknown scene kind {kind!r}")
 
 
-def scene(rng: random.Random) -> Sample:
+def scene(rng: random.Random) -> Example:
     kind = rng.choice(SCENE_KINDS)
     img, _ = _any_image(rng, kind)
-    return Sample(img, f"What is shown in the image?\n{SHORT}", {"shapes": "shapes", "tissue": "tissue"}.get(
+    return Example(img, f"What is shown in the image?\n{SHORT}", {"shapes": "shapes", "tissue": "tissue"}.get(
         kind, f"a {kind}"))
 
 
-def caption(rng: random.Random) -> Sample:
+def caption(rng: random.Random) -> Example:
     kind = rng.choices(SCENE_KINDS, weights=[12, 2, 2, 2, 2])[0]
     img, cap = _any_image(rng, kind)
-    return Sample(img, rng.choice(CAPTION_INSTRUCTIONS), cap)
+    return Example(img, rng.choice(CAPTION_INSTRUCTIONS), cap)

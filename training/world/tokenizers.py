@@ -10,7 +10,7 @@ import importlib
 import os
 from pathlib import Path
 
-from ..tokenizer import NUMBER_WORDS
+from ..records import NUMBER_WORDS
 from .build import CAPTIONS, load_world, read_records
 
 VOCAB_SIZE = 1024
