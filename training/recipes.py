@@ -346,11 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     info = {p.name: p for p in catalogue(model, family)}
     width = max(len(n) for n in applied.trainable)
+    pw = max(11, *(len(info[n].part) for n in applied.trainable))
     print(f"family {family.name}  recipe {args.recipe}  spec {applied.spec!r}")
-    print(f"{'tensor':<{width}}  {'part':<11}  {'shape':<16}  {'numel':>12}")
+    print(f"{'tensor':<{width}}  {'part':<{pw}}  {'shape':<16}  {'numel':>12}")
     for n in applied.trainable:
         p = info[n]
-        print(f"{n:<{width}}  {p.part:<11}  {'x'.join(map(str, p.shape)):<16}  {p.numel:>12,}")
+        print(f"{n:<{width}}  {p.part:<{pw}}  {'x'.join(map(str, p.shape)):<16}  {p.numel:>12,}")
     print(f"trainable {applied.trainable_params} / total {applied.total_params}")
     return 0
 
