@@ -2,7 +2,8 @@
 
 Reads each run's run.json, evals.parquet and probes.parquet and writes, under --out (default RUN/analysis
 for one run; analysis/ in the runs' common folder for several): metrics.csv, correlations.csv,
-recovery.csv, summary.csv, figures/*.png, and cells.csv (forgetting per 2x2 cell, for runs whose run.json has
+recovery.csv, summary.csv, figures/*.png, paired.csv (each stage vs the base and the previous stage on
+the same items, for runs with an items.parquet), and cells.csv (forgetting per 2x2 cell, for runs whose run.json has
 "domains"). A folder without run.json stands for the runs inside it. Definitions: docs/metrics.md.
 """
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 import pandas as pd
 
 from probes.schemas import TableError
 
 from .cells import cell_summary
+from .paired import compare_runs
 from .report import analyze, default_out, write
 from .tables import expand_run_dirs, load_runs
 
@@ -70,6 +73,14 @@ def main(argv=None) -> int:
         return 2
     out = args.out or default_out(dirs)
     written = write(an, out)
+    try:
+        paired = compare_runs(dirs, n_boot=args.n_boot, seed=args.seed)
+    except TableError as e:
+        print(f"analysis.run: {e}", file=sys.stderr)
+        return 2
+    if len(paired):   # runs evaluated with per-item results: each stage vs the base and the previous stage
+        paired.to_csv(Path(out) / "paired.csv", index=False)
+        written.append(Path(out) / "paired.csv")
     _print_summary(an)
     print(f"\nwrote {len(written)} files under {out}:")
     for p in written:

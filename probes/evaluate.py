@@ -5,6 +5,8 @@
     python -m probes.evaluate --ckpt-dir RUN --benchmark-file docvqa_val=docvqa/val.json \\
         --images docvqa/images --scorer anls --split heldout --max-new-tokens 32
     python -m probes.evaluate --ckpt-dir RUN --registry my_benchmarks.yaml     # several local benchmarks
+    python -m probes.evaluate --ckpt-dir RUN --preset ai2d=/data/ai2d --preset mmstar=/data/MMStar \
+        --profile study                        # study benchmarks as lmms-eval prompts and scores them
     torchrun --nproc-per-node 8 -m probes.evaluate --ckpt-dir RUN ...         # batches sharded over ranks
 
 For every checkpoint (probes.discover) and benchmark (probes.benchmarks): batched greedy generation from
@@ -14,6 +16,10 @@ benchmark): run, stage, stage_name, task, recipe, checkpoint, benchmark, split, 
 (0-100), n (items scored). Rows already in the table for the same checkpoint, metric, split and n are skipped, so
 a rerun continues; a row is written after every benchmark (atomically, under the table's lock). A
 checkpoint that fails is reported and the others still run; the exit status is then 1 (2: bad input).
+Per item (RUN/items.parquet: run, stage, benchmark, item_id, prediction, score 0-1, metric) the answers
+and their scores are kept too. A --preset benchmark (probes.presets, docs/benchmarks.md) takes its prompt,
+generation limit, scorer and aggregation from its preset in the chosen --profile; its rows add the
+columns preset and profile.
 The driver (processes, lock, resume, failures) is probes.sweep's.
 """
 from __future__ import annotations
@@ -36,6 +42,8 @@ from .batching import EncodeCache
 from .cli import add_loading_arguments
 from .discover import RunDir
 from .engine import Engine
+from .preset_data import PresetData, load_preset
+from .presets import ALIASES, PROFILES
 from .scorers import SCORERS, get_scorer
 from .sweep import Command, SweepOptions, sweep
 
@@ -48,6 +56,8 @@ class EvaluateOptions(SweepOptions):
     scorer: str | None = None                 # their scorer
     split: str | None = None                  # their split
     registry: list[str] | None = None         # YAML/JSON benchmark registries
+    preset: list[str] | None = None           # NAME=PATH study benchmarks read and scored by probes.presets
+    profile: str | None = None                # their profile (default: run.json's eval.profile, else lmms-eval)
     limit: int | None = None
     max_new_tokens: int | None = None
     batch_size: int = 32
@@ -71,6 +81,12 @@ def parse_args(argv=None) -> EvaluateOptions:
                     help="split of the --benchmark-file benchmarks (default: target if it names a run task)")
     ap.add_argument("--registry", action="append", metavar="FILE",
                     help="YAML/JSON file defining benchmarks {name: {test, images, scorer, split, max_new_tokens}}")
+    ap.add_argument("--preset", action="append", metavar="NAME=PATH",
+                    help="a study benchmark's local copy (Hub snapshot, save_to_disk folder or TSV), prompted and "
+                         "scored as lmms-eval does (probes.presets; docs/benchmarks.md) (repeatable)")
+    ap.add_argument("--profile", choices=PROFILES,
+                    help="the presets' lmms-eval version: study (the paper's fork) or lmms-eval (current main); "
+                         "default: the run config's eval.profile, else lmms-eval")
     ap.add_argument("--limit", type=int, default=None,
                     help="score only the first N records of each benchmark (the first N good ones, without --strict)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
@@ -103,11 +119,37 @@ def load_benchmarks(opts: EvaluateOptions, run: RunDir) -> list[B.BenchmarkData]
     local |= B.from_cli(opts.benchmark_file, opts.images, opts.scorer, opts.split)
     tasks = B.run_tasks(run.manifest)
     out = []
-    for b in B.resolve(opts.benchmarks, run.manifest, local):
+    presets, profile = run_presets(opts, run.manifest)
+    only_presets = opts.preset and not (opts.benchmarks or local)   # then run.json's benchmarks are not added
+    for b in [] if only_presets else B.resolve(opts.benchmarks, _without(run.manifest, presets), local):
         b = replace(b, split=B.split_of(b, tasks),
                     max_new_tokens=opts.max_new_tokens or b.max_new_tokens or B.DEFAULT_MAX_NEW_TOKENS)
         out.append(B.load(b, opts.limit, strict=opts.strict))
+    for spec in presets:
+        d = load_preset(spec, profile, opts.limit, strict=opts.strict)
+        d.bench = replace(d.bench, split=B.split_of(d.bench, tasks),
+                          max_new_tokens=opts.max_new_tokens or d.bench.max_new_tokens)
+        out.append(d)
     return out
+
+
+def run_presets(opts: EvaluateOptions, manifest: dict) -> tuple[list[str], str]:
+    """The NAME=PATH presets to score and their profile: the flags', else (without --benchmarks, --preset,
+    --benchmark-file or --registry) the run config's eval.presets; the profile likewise."""
+    ev = (manifest.get("config") or {}).get("eval") or {}
+    flags = opts.preset or opts.benchmarks or opts.benchmark_file or opts.registry
+    specs = opts.preset or ([] if flags else [f"{n}={p}" for n, p in (ev.get("presets") or {}).items()])
+    return specs, opts.profile or ev.get("profile") or "lmms-eval"
+
+
+def _without(manifest: dict, presets: list[str]) -> dict:
+    """run.json with the benchmarks that presets score taken out of its "benchmarks" list."""
+    names = {n for spec in presets for n in (spec.partition("=")[0], _canonical(spec.partition("=")[0]))}
+    return {**manifest, "benchmarks": [b for b in manifest.get("benchmarks") or [] if b not in names]}
+
+
+def _canonical(name: str) -> str:
+    return ALIASES.get(name, name)
 
 
 # -- scoring ---------------------------------------------------------------------------------------
@@ -116,6 +158,8 @@ def score_predictions(d: B.BenchmarkData, predictions: dict[int, str]) -> tuple[
     if sorted(predictions) != list(range(len(d.items))):
         raise RuntimeError(f"benchmark {d.bench.name!r}: got predictions for {len(predictions)} of "
                            f"{len(d.items)} items")
+    if isinstance(d, PresetData):
+        return d.score([predictions[i] for i in range(len(d.items))])
     scorer = get_scorer(d.bench.scorer)
     per_item = [float(scorer(predictions[i], it.references)) for i, it in enumerate(d.items)]
     return 100.0 * sum(per_item) / len(per_item), per_item
@@ -134,10 +178,44 @@ def save_predictions(root: Path, ck, d: B.BenchmarkData, predictions: dict[int, 
     return path
 
 
+def items_path(out: Path) -> Path:
+    """RUN/items.parquet beside RUN/evals.parquet; beside another table T.parquet, T.items.parquet."""
+    out = Path(out)
+    return out.with_name("items.parquet" if out.name == "evals.parquet" else f"{out.stem}.items.parquet")
+
+
+def item_rows(run: RunDir, ck, d: B.BenchmarkData, predictions: dict[int, str], per_item: list) -> list[dict]:
+    """One row per item: item_id = the record's id (a preset's: the row number), '#turn' after the first
+    turn; where those repeat (ids need not be unique in LLaVA files), the item's position instead."""
+    ids = [it.record_id if it.turn == 0 else f"{it.record_id}#{it.turn}" for it in d.items]
+    if len(set(ids)) < len(ids):
+        ids = [str(i) for i in range(len(ids))]
+    return [{"run": run.name, "stage": ck.stage, "benchmark": d.bench.name, "item_id": item_id,
+             "prediction": predictions[i], "score": per_item[i], "metric": d.bench.scorer}
+            for i, item_id in enumerate(ids)]
+
+
 def row_for(run: RunDir, ck, d: B.BenchmarkData, score: float) -> dict:
     return {"run": run.name, "stage": ck.stage, "stage_name": ck.stage_name, "task": ck.task, "recipe": run.recipe,
             "checkpoint": ck.rel, "benchmark": d.bench.name, "split": d.bench.split, "metric": d.bench.scorer,
-            "score": score, "n": len(d.items)}
+            "score": score, "n": len(d.items), **_preset_columns(d)}
+
+
+def _preset_columns(d: B.BenchmarkData) -> dict:
+    """evals.parquet's added preset and profile columns, for benchmarks from presets (others: empty there)."""
+    return {"preset": d.preset.name, "profile": d.preset.profile} if isinstance(d, PresetData) else {}
+
+
+def _recorded(value) -> str | None:
+    return None if value is None or pd.isna(value) else value
+
+
+def _same_profile(row, profile: str | None) -> bool:
+    return _recorded(row.get("profile")) == profile
+
+
+def _profile_note(profile) -> str:
+    return f", {_recorded(profile)} profile" if _recorded(profile) else ""
 
 
 class Evaluate(Command):
@@ -164,14 +242,16 @@ class Evaluate(Command):
                     continue
                 r = sel.iloc[0]
                 same = (r["checkpoint"] == ck.rel and r["metric"] == d.bench.scorer and r["split"] == d.bench.split
-                        and not pd.isna(r["n"]) and int(r["n"]) == len(d.items))
+                        and not pd.isna(r["n"]) and int(r["n"]) == len(d.items)
+                        and _same_profile(r, _preset_columns(d).get("profile")))
                 if same:
                     continue
                 if not self.opts.replace:
+                    was, now = _profile_note(r.get("profile")), _profile_note(_preset_columns(d).get("profile"))
                     clash = (f"{out} already has stage {ck.stage} / {d.bench.name} scored on {r['n']} items with "
-                             f"{r['metric']} ({r['split']}) for checkpoint {r['checkpoint']}; this run scores "
-                             f"{len(d.items)} items with {d.bench.scorer} ({d.bench.split}) for {ck.rel}. Use --out "
-                             "for a separate table, or --replace")
+                             f"{r['metric']} ({r['split']}{was}) for checkpoint {r['checkpoint']}; this run scores "
+                             f"{len(d.items)} items with {d.bench.scorer} ({d.bench.split}{now}) for {ck.rel}. Use "
+                             "--out for a separate table, or --replace")
                     break
                 need.append(j)
             plan.append((need, clash))
@@ -204,11 +284,13 @@ class Evaluate(Command):
         return self.data[j].bench.name
 
     def rows(self, ck, j: int, shares: list[dict[int, str]]) -> list[dict]:
-        """The benchmark's row (and, with --save-predictions, its answers and their scores)."""
+        """The benchmark's row; its items' answers and scores go to the item table (written first, so a
+        benchmark row always has its items) and, with --save-predictions, to a JSONL file."""
         d, preds = self.data[j], {}
         for s in shares:
             preds.update(s)
         score, per_item = score_predictions(d, preds)
+        table.append_items(items_path(self.out), item_rows(self.run, ck, d, preds, per_item))
         if self.opts.save_predictions:
             save_predictions(self.run.root, ck, d, preds, per_item)
         return [row_for(self.run, ck, d, score)]

@@ -4,6 +4,7 @@
     python -m probes.run --ckpt-dir RUN --captions blip_laion_cc_sbu_558k.json --images LCS-558K/ \\
         --num-samples 1000 --mode both --batch-size 32
     torchrun --nproc-per-node 8 -m probes.run --ckpt-dir RUN ...      # captions sharded over ranks
+    python -m probes.run --ckpt-dir RUN --profile study                # the study script's own definition
 
 Checkpoints come from RUN/run.json, or are the sub-folders that are checkpoints (see probes.discover).
 Rows already in the table for the same checkpoint and caption subset are skipped, so a rerun continues
@@ -16,16 +17,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
+import torch
 
-from training.checkpoints import load, load_processor
+from training.checkpoints import LoadOptions, load, load_processor
 from training.families import CheckpointError
 
 from . import extras as drift_extras
-from . import table
+from . import study, table
 from .batching import EncodeCache
 from .captions import CaptionDataError, load_captions
 from .cli import add_loading_arguments
@@ -57,6 +59,14 @@ class RunOptions(SweepOptions):
     compile: bool = False
     no_vision_cache: bool = False
     extras: drift_extras.DriftOptions = field(default_factory=drift_extras.DriftOptions)
+    profile: str = "default"                 # study: the study script's probe (probes.study)
+
+    @property
+    def load(self) -> LoadOptions:
+        opts = super().load
+        if self.profile == "study" and opts.device.startswith("cuda"):
+            return replace(opts, dtype=torch.float16)      # as the study ran it
+        return opts
 
 
 def parse_args(argv=None) -> RunOptions:
@@ -72,12 +82,15 @@ def parse_args(argv=None) -> RunOptions:
     ap.add_argument("--sample", choices=["first", "random"], default="first",
                     help="first N records (the study's choice) or N at random with --seed")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mode", choices=list(MODES), default="teacher-forced",
+    ap.add_argument("--mode", choices=list(MODES), default=None,
                     help="teacher-forced on the reference captions (default), greedy generation (the study's), or both")
     ap.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (default 32)")
     ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="generation length limit")
-    ap.add_argument("--token-sets", default="number",
-                    help=f"comma-separated token sets to probe (known: {', '.join(sorted(TOKEN_SETS))})")
+    ap.add_argument("--token-sets", default=None,
+                    help=f"comma-separated token sets to probe (default number; known: {', '.join(sorted(TOKEN_SETS))})")
+    ap.add_argument("--profile", choices=["default", "study"], default="default",
+                    help="study: the study script's probe as its code computes it (generation scores, the "
+                         "number_study set, its seven statistics, fp16 on a GPU); docs/probes.md")
     ap.add_argument("--out", help="the table (default: CKPT_DIR/probes.parquet)")
     add_loading_arguments(ap, records="caption record")
     ap.add_argument("--workers", type=int, default=None,
@@ -91,6 +104,9 @@ def parse_args(argv=None) -> RunOptions:
     drift_extras.add_arguments(ap)
     args = ap.parse_args(argv)
     extras = drift_extras.options(ap, args)
+    if args.profile == "study":
+        study.configure(ap, args, extras)
+    args.mode, args.token_sets = args.mode or "teacher-forced", args.token_sets or "number"
     if args.batch_size < 1:
         ap.error("--batch-size must be at least 1")
     if args.max_new_tokens < 1:
@@ -136,6 +152,8 @@ class ProbeRun(Command):
         self.caps = load_run_captions(o, run)
         self.extras = drift_extras.setup(o.extras, run, self.caps, out, o.load, say=procs.say, write=procs.main)
         self.names = {m: self.extras.names(o.token_sets, m) for m in MODES[o.mode]}   # per mode: drift is tf only
+        if o.profile == "study":
+            self.names = {"generate": list(study.STATISTICS)}
         self.reference = reference_tokenizer(run, o)
         self.encode_cache = EncodeCache()        # the checkpoints share a processor: encode each caption once
         self.vision_cache = None if o.no_vision_cache else VisionCache()   # LM-only stages share image features
@@ -196,6 +214,11 @@ class ProbeRun(Command):
     def compute(self, eng: Engine, ck, modes) -> dict:
         """This rank's share of every needed mode: {mode: {sample index: values}}."""
         o, samples, main = self.opts, self.caps.samples, self.procs.main
+        if o.profile == "study":
+            mine = self.procs.share(list(range(len(samples))))
+            return {"generate": study.probe_values(eng.model, eng.processor, samples, self.set_ids["number_study"],
+                                                   mine, batch_size=o.batch_size, max_new_tokens=o.max_new_tokens,
+                                                   progress=main)}
         out = {}
         for mode in modes:
             with_answer = mode == "teacher-forced"

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .schemas import EVALS, PROBES, TableError
+from .schemas import EVALS, ITEMS, PROBES, TableError
 
 
 def summarize(values: Iterable[float]) -> dict:
@@ -130,7 +130,8 @@ def append_rows(path: str | os.PathLike, rows: list[dict], *, columns=PROBES.col
     atomically, under the table's lock. Rows of other keys, and columns beyond `columns`, are kept."""
     p = Path(path)
     columns, key = list(columns), list(key)
-    new = pd.DataFrame(rows, columns=columns).astype(dtypes)
+    extra = list(dict.fromkeys(k for r in rows for k in r if k not in columns))   # added columns are kept
+    new = pd.DataFrame(rows, columns=[*columns, *extra]).astype(dtypes)
     with _lock(p):
         for stale in p.parent.glob(f".{p.name}.*.tmp"):  # a writer killed mid-write (writes hold this lock)
             with contextlib.suppress(OSError):
@@ -156,6 +157,12 @@ def append_evals(path: str | os.PathLike, rows: list[dict]) -> pd.DataFrame:
     """evals.parquet: add rows, replacing those of the same (stage, benchmark)."""
     return append_rows(path, rows, columns=EVALS.columns, dtypes=EVALS.dtypes, key=EVALS.key, order=EVALS.order,
                        what=EVALS.what)
+
+
+def append_items(path: str | os.PathLike, rows: list[dict]) -> pd.DataFrame:
+    """items.parquet: add per-item rows, replacing those of the same (stage, benchmark, item_id)."""
+    return append_rows(path, rows, columns=ITEMS.columns, dtypes=ITEMS.dtypes, key=ITEMS.key, order=ITEMS.order,
+                       what=ITEMS.what)
 
 
 def done(df: pd.DataFrame, stage: int, checkpoint: str, mode: str, probes: Iterable[str], dataset_hash: str) -> bool:

@@ -3,6 +3,7 @@
     world + base model (built once, cached)
     -> for each run: training.run (5 stages, drift monitor on)
                      -> probes.run (number-token probe, KL to base, task signatures; both modes)
+                     -> probes.run --profile study (the study script's probe, to RUN/probes_study.parquet)
                      -> probes.evaluate (targets + held-out) -> probes.layers (SA vs MLP write-back)
     -> analysis.run and analysis.drift_report over all runs -> a table per run and the figures' paths
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import json
 import os
 import queue
 import re
@@ -36,6 +38,7 @@ MORE = {"wise_ft": ["--recipe", "wise_ft"], "moe": ["--recipe", "moe"],   # only
         "sa_proj+lowlr": ["--recipe", "sa_proj", "train.lr=3e-5", "tag=lowlr"]}
 ALL = {**RECIPES, **BASELINES, **MORE}
 COUNTING_TASK = "pixmocount"
+STUDY_TABLE = "probes_study.parquet"   # its own table: the analysis reads probes.parquet as before
 
 
 def _env() -> dict:
@@ -102,6 +105,9 @@ def chain(name: str, train_args: list[str], out: Path, args) -> None:
     step([py, "-m", "probes.run", "--ckpt-dir", str(run), "--num-samples", str(args.captions), "--mode", "both",
           "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "32", "--drift", "--signatures"],
          log, f"{name}: probes.run")
+    step([py, "-m", "probes.run", "--ckpt-dir", str(run), "--profile", "study", "--num-samples", str(args.captions),
+          "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "32", "--out", str(run / STUDY_TABLE)],
+         log, f"{name}: probes.run --profile study")
     step([py, "-m", "probes.evaluate", "--ckpt-dir", str(run), "--limit", str(args.eval_limit),
           "--batch-size", "64"], log, f"{name}: probes.evaluate")
     step([py, "-m", "probes.layers", "--ckpt-dir", str(run), "--num-samples", str(args.layer_captions),
@@ -124,6 +130,8 @@ def results_table(out: Path, names: list[str]):
         tf = probes[probes["mode"] == "teacher-forced"]
         mass = tf[tf.probe == "number_mass"].set_index("stage")
         kl = tf[tf.probe == "kl_to_base"].set_index("stage")["mean"]
+        study = pd.read_parquet(out / name / STUDY_TABLE)
+        study = study[study.probe == "avg_total_number_prob"].set_index("stage")["mean"]
         count = int(mass[mass.task == COUNTING_TASK].index[0])
         s = summary.loc[name]
         rows.append({
@@ -134,6 +142,7 @@ def results_table(out: Path, names: list[str]):
             "held-out final": change.iloc[-1],
             "recoveries": s.get("recovery_events"),
             "number_mass x base @count": mass.loc[count, "mean"] / mass.loc[0, "mean"],
+            "study x base @count": study.loc[count] / study.loc[0],
             "KL @count": kl.get(count, float("nan")),
             "rho": s.get("recipe_spearman"),
         })
@@ -175,6 +184,10 @@ def main(argv=None) -> int:
          "world + base model")
     print((out / "logs" / "base.log").read_text().split("base model: ")[-1].rstrip(), flush=True)
 
+    from training.manifest import library_versions
+    libraries = library_versions()           # also in every run's run.json
+    (out / "libraries.json").write_text(json.dumps(libraries, indent=1) + "\n")
+    print("demo: libraries " + ", ".join(f"{k} {v}" for k, v in libraries.items()), flush=True)
     print(f"demo: {len(names)} runs x 5 stages, {args.workers} at a time (logs in {out / 'logs'})", flush=True)
     with ThreadPoolExecutor(args.workers) as pool:
         for f in [pool.submit(chain, n, ALL[n], out, args) for n in names]:
@@ -194,7 +207,9 @@ def main(argv=None) -> int:
         print("\nPer run, in percentage points (pp) of the mean score. learning: mean gain of each target at its own "
               "stage;\nheld-out: mean held-out score minus the base's (negative = forgetting) after the counting stage "
               "(@count),\naveraged over stages 1-5 (mean) and at the end (final); number_mass x base and KL to the base "
-              "after the\ncounting stage; rho: Spearman of the number_mass shift vs the held-out change over stages.")
+              "after the\ncounting stage; study x base: the same ratio for the study script's probe "
+              "(avg_total_number_prob,\nprobes.run --profile study); rho: Spearman of the number_mass shift vs the "
+              "held-out change over stages.")
         print(table.to_string(index=False))
     print("\nFigures:")
     for p in sorted((out / "analysis").rglob("*.png")):

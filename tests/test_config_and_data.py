@@ -46,6 +46,7 @@ def test_shipped_configs_load_with_the_right_types(name):
     (["save=partial"], "save must be one of full, delta"),
     (["train.lr"], "not key=value"),
     (["train.batch_size=0"], "train.batch_size must be at least 1"),
+    (["eval.profile=fork"], "eval.profile must be one of study, lmms-eval"),
 ])
 def test_bad_overrides_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -129,3 +130,14 @@ def test_task_errors_name_the_task_and_file(tmp_path):
         resolve_task("cub200", {}, resolve_root({}))
     with pytest.raises(DataError, match="is not a folder"):
         resolve_root({"root": str(tmp_path / "nope")})
+
+
+def test_eval_presets_map_names_to_paths(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("eval:\n  presets: {ai2d: /data/ai2d, mmstar: /data/MMStar}\n  profile: study\n")
+    cfg = load_config(p)
+    assert cfg["eval"]["presets"] == {"ai2d": "/data/ai2d", "mmstar": "/data/MMStar"}
+    assert cfg["eval"]["profile"] == "study" and load_config("toy-tiny")["eval"]["presets"] == {}
+    p.write_text("eval:\n  presets: {ai2d: 3}\n")
+    with pytest.raises(ConfigError, match="eval.presets must map benchmark names to local paths"):
+        load_config(p)

@@ -51,6 +51,9 @@ def test_every_step_wrote_its_table(demo_out):
         assert set(probes["mode"]) == {"teacher-forced", "generate"}
         kl = probes[(probes.probe == "kl_to_base") & (probes["mode"] == "teacher-forced")].set_index("stage")["mean"]
         assert kl.loc[0] == 0 and (kl.loc[1:] > 0).all()  # every stage changed the LM
+        study = pd.read_parquet(run / "probes_study.parquet")     # probes.run --profile study
+        assert len(study) == 7 * len(stages) and set(study["mode"]) == {"generate"}
+        assert {"avg_total_number_prob", "max_number_logit", "num_generation_steps"} <= set(study.probe)
         evals = pd.read_parquet(run / "evals.parquet")
         assert sorted(evals.stage.unique()) == stages
         # the transfer benchmarks (a target's question on other pictures) count as that target's
@@ -65,6 +68,7 @@ def test_every_step_wrote_its_table(demo_out):
     assert set(cells[cells.cell == "image-OOD/text-ID"].stage_name) == {"pixmocount", "textvqa"}
     table = pd.read_csv(demo_out / "analysis" / "demo_table.csv")
     assert list(table.run) == RUNS and table["number_mass x base @count"].gt(0).all()
+    assert table["study x base @count"].gt(0).all()
     for f in ["heldout_over_sequence", "probe_over_sequence", "learning_vs_forgetting", "signature_moves",
               "layers_sa_vs_mlp_number_logmass", "monitor_number_mass"]:
         assert (demo_out / "analysis" / "figures" / f"{f}.png").stat().st_size > 10_000, f

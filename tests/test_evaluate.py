@@ -93,6 +93,11 @@ def test_world_run_table_contract_predictions_and_resume(tmp_path, stage_models,
     assert by.loc[(1, "cub200"), ["stage_name", "task", "checkpoint"]].tolist() == ["cub200", "cub200",
                                                                                    "stage-01-cub200"]
     assert pd.isna(by.loc[(0, "cub200"), "task"]) and set(df["run"]) == {"run"}
+    # items.parquet: one row per item, whose mean score is the benchmark's score / 100
+    items = pd.read_parquet(run / "items.parquet")
+    assert len(items) == 6 * 8 and not items.duplicated(["stage", "benchmark", "item_id"]).any()
+    means = items.groupby(["stage", "benchmark"])["score"].mean() * 100
+    assert all(means[k] == pytest.approx(by.loc[k, "score"], abs=1e-9) for k in means.index)
     # the score is 100 x the mean of the scorer over the saved predictions
     for (stage, bench), r in by.iterrows():
         folder = "stage-00-base" if stage == 0 else "stage-01-cub200"
@@ -336,3 +341,84 @@ def test_torchrun_two_processes_give_the_same_table_as_one(tmp_path, stage_model
     assert len(a) == 4
     pd.testing.assert_frame_equal(a, b, check_exact=True)
     assert {p.relative_to(run): p.read_text() for p in (run / "predictions").rglob("*.jsonl")} == first
+
+
+# -- benchmarks from presets ------------------------------------------------------------------------
+def _preset_snapshot(root: Path, n: int) -> Path:
+    """A Hub-style ai2d snapshot (data/test-*.parquet, images as {bytes, path}) of n rows, answers cycling A-C."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (root / "data").mkdir(parents=True)
+    images = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (40 * i % 256, 0, 0)).save(buf, format="PNG")
+        images.append({"bytes": buf.getvalue(), "path": None})
+    pq.write_table(pa.table({"question": [f"Question {i}?" for i in range(n)],
+                             "options": [["cow", "lion", "snake"]] * n, "answer": [str(i % 3) for i in range(n)],
+                             "image": pa.array(images, type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))}),
+                   root / "data" / "test-00000-of-00001.parquet")
+    return root
+
+
+def test_presets_score_as_lmms_eval_and_record_profile(tmp_path, stage_models, monkeypatch, capsys):
+    """--preset alone scores only the presets (not run.json's benchmarks); the study profile's ai2d scorer
+    reads "(B)" as B; planted answers right on rows 0, 2, 4 of 6 -> 50.0; the profile is recorded and a
+    rerun with the other profile does not mix rows."""
+    run = make_run(tmp_path, stage_models)
+    ai2d = _preset_snapshot(tmp_path / "ai2d", 6)
+    prompts = []
+
+    def answer(sample, i):
+        prompts.append(sample.instruction)
+        row = int(sample.id.split("/")[1])
+        return f"({'ABC'[row % 3]})" if row % 2 == 0 else "The answer is A"
+    calls = plant(monkeypatch, answer)
+    assert main(["--ckpt-dir", str(run), "--preset", f"ai2d={ai2d}", "--profile", "study"]) == 0, \
+        capsys.readouterr().err
+    df = pd.read_parquet(run / "evals.parquet")
+    assert set(df["benchmark"]) == {"ai2d"} and set(calls) == {(6, 16)}
+    assert df[["score", "metric", "split", "n", "preset", "profile"]].drop_duplicates().values.tolist() == [
+        [50.0, "lmms_ai2d", "heldout", 6, "ai2d", "study"]]
+    assert prompts[0] == ("Question 0?\nA. cow\nB. lion\nC. snake\n"
+                          "Answer with the option's letter from the given choices directly.")
+    items = pd.read_parquet(run / "items.parquet")
+    assert len(items) == 2 * 6 and list(items.columns) == ["run", "stage", "benchmark", "item_id", "prediction",
+                                                           "score", "metric"]
+    stage0 = items[items.stage == 0]
+    assert stage0["item_id"].tolist() == [str(i) for i in range(6)]     # sorted as strings; 6 rows: 0..5
+    assert stage0["score"].tolist() == [1.0, 0.0] * 3 and stage0["prediction"].iloc[2] == "(C)"
+    rc = main(["--ckpt-dir", str(run), "--preset", f"ai2d={ai2d}"])   # same scorer, other profile: a clash
+    assert rc == 1 and "(heldout, study profile)" in capsys.readouterr().err
+    assert main(["--ckpt-dir", str(run), "--preset", f"ai2d={ai2d}", "--replace", "--limit", "4"]) == 0
+    df = pd.read_parquet(run / "evals.parquet")
+    assert df[["score", "n", "profile"]].drop_duplicates().values.tolist() == [[50.0, 4, "lmms-eval"]]
+
+
+def test_presets_with_real_generation_and_bad_input(tmp_path, stage_models, capsys):
+    run = make_run(tmp_path, stage_models, tasks=())
+    ai2d = _preset_snapshot(tmp_path / "ai2d", 3)
+    assert main(["--ckpt-dir", str(run), "--preset", f"ai2d={ai2d}", "--max-new-tokens", "3"]) == 0
+    df = pd.read_parquet(run / "evals.parquet")
+    assert len(df) == 1 and df.loc[0, "n"] == 3 and 0.0 <= df.loc[0, "score"] <= 100.0
+    assert main(["--ckpt-dir", str(run), "--preset", f"ai2d_test={ai2d}"]) == 2
+    assert "unknown preset 'ai2d_test'" in capsys.readouterr().err
+    assert main(["--ckpt-dir", str(run), "--preset", f"docvqa={ai2d}"]) == 2   # no validation split there
+    assert "no parquet file of split 'validation'" in capsys.readouterr().err
+
+
+def test_run_config_presets_are_scored_with_run_benchmarks(tmp_path, stage_models, monkeypatch, capsys):
+    """Without flags: run.json's benchmarks plus the config's eval.presets in its eval.profile; a benchmark
+    name a preset covers (here ai2d) is not also resolved as a LLaVA file."""
+    run = make_run(tmp_path, stage_models, benchmarks=("cub200", "ai2d"))
+    ai2d = _preset_snapshot(tmp_path / "ai2d", 3)
+    man = json.loads((run / "run.json").read_text())
+    man["config"]["eval"] = {"presets": {"ai2d": str(ai2d)}, "profile": "study"}
+    (run / "run.json").write_text(json.dumps(man))
+    plant(monkeypatch, lambda sample, i: "A")
+    assert main(["--ckpt-dir", str(run)]) == 0, capsys.readouterr().err
+    df = pd.read_parquet(run / "evals.parquet")
+    assert sorted(set(df["benchmark"])) == ["ai2d", "cub200"]
+    assert set(df[df.benchmark == "ai2d"]["profile"]) == {"study"} and set(df[df.benchmark == "ai2d"]["n"]) == {3}

@@ -284,6 +284,8 @@ def test_every_stage_loads_with_auto_classes(full_run, data_root):
     man = json.loads((full_run / "run.json").read_text())
     assert man["captions"] is None and man["benchmarks"] == [] and man["family"] == "qwen2_5_vl"
     assert man["tasks"] == ["cub200", "pixmocount"] and man["config"]["train"]["max_steps"] == 30
+    import transformers
+    assert man["libraries"]["torch"] == torch.__version__ and man["libraries"]["transformers"] == transformers.__version__
     assert subprocess.run([sys.executable, str(VALIDATE), str(full_run)], capture_output=True).returncode == 0
 
 

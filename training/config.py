@@ -82,6 +82,10 @@ SCHEMA: dict[str, Key] = {
     "probe.images": Key(str, None, True, doc="image root of probe.captions"),
     "eval.benchmarks": Key(list, None, True, doc="benchmark names for probes.evaluate; the world's for world runs"),
     "eval.domains": Key(dict, {}, doc="2x2 tags: NAME: {image: DOMAIN, text: DOMAIN} (the world's are built in)"),
+    "eval.presets": Key(dict, {}, doc="study benchmarks probes.evaluate reads from local copies and scores as "
+                        "lmms-eval does: NAME: PATH (probes.presets; docs/benchmarks.md)"),
+    "eval.profile": Key(str, "lmms-eval", choices=("study", "lmms-eval"),
+                        doc="the presets' lmms-eval version: study (the paper's fork) or lmms-eval (current main)"),
     # Baselines (docs/baselines.md). A method is paired with the parameter recipe: `recipe: lwf` (its default
     # recipe, the LM's MLP), `recipe: lwf+sa_proj`, or `method: lwf` with `recipe: sa_proj`.
     "method": Key(str, None, True, choices=("lora", "lwf", "wise_ft", "moe"),
@@ -142,6 +146,8 @@ def _coerce(key: str, value, where: str):
         value = {str(name): _task_entry(name, entry, where) for name, entry in value.items()}
     if key == "eval.domains":
         value = {str(name): _domain_entry(name, entry, where) for name, entry in value.items()}
+    if key == "eval.presets" and not all(isinstance(v, str) and v for v in value.values()):
+        raise ConfigError(f"{where}: eval.presets must map benchmark names to local paths, got {value!r}")
     if key == "mix.share" and value >= 1:
         raise ConfigError(f"{where}: mix.share must be below 1 (the current task's share is 1 - mix.share), "
                           f"got {value!r}")

@@ -40,7 +40,7 @@ from .config import ConfigError, apply, describe, load_config, resolve_path
 from .data import Collator, DataError, benchmark_names, load_records, resolve_root, resolve_task
 from .domains import run_domains
 from .families import CheckpointError
-from .manifest import ManifestError, data_files, path_of
+from .manifest import ManifestError, data_files, library_versions, path_of
 from .manifest import load as load_manifest
 from .manifest import write as write_manifest
 from .methods import StageContext
@@ -125,7 +125,7 @@ class Plan:
                 "tasks": list(self.cfg["tasks"]), "config": self.cfg, "stages": self.stages[:done],
                 "captions": caption_set(self.root, self.cfg["probe"]), "benchmarks": benchmarks,
                 "domains": run_domains(self.root, self.cfg["eval"], list(dict.fromkeys(self.cfg["tasks"] + benchmarks))),
-                **data_files(self.root, self.cfg["data"], list(self.cfg["tasks"]))}
+                **data_files(self.root, self.cfg["data"], list(self.cfg["tasks"])), "libraries": library_versions()}
 
     def variant_manifest(self, variant: str, done: int) -> dict:
         """run.json of RUN/VARIANT/ (e.g. WiSE-FT's un-merged models): the same stages, stage 0 the run's."""
