@@ -36,6 +36,7 @@ import torch
 from probes.schemas import MONITOR
 
 from . import checkpoints
+from .chat import tokenizer_of
 from .config import ConfigError, apply, describe, load_config, resolve_path
 from .data import Collator, DataError, benchmark_names, load_records, resolve_root, resolve_task
 from .domains import run_domains
@@ -229,7 +230,7 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
     opts = checkpoints.LoadOptions(dtype=dtype, attn=cfg["model"]["attn_implementation"], allow_pickle=allow_pickle,
                                    trust_remote_code=trust_remote_code)
     processor = checkpoints.load_processor(plan.base, opts)
-    pad_id = processor.tokenizer.pad_token_id
+    pad_id = tokenizer_of(processor).pad_token_id
     if pad_id is None:
         raise RunError(f"{plan.base}: the tokenizer has no pad token")
     curves = Curves(accelerator, out, cfg) if cfg["train"]["log_with"] else None   # TensorBoard / W&B
