@@ -37,7 +37,7 @@ from probes.schemas import MONITOR
 
 from . import checkpoints
 from .chat import tokenizer_of
-from .config import ConfigError, apply, describe, load_config, resolve_path
+from .config import SCHEMA, ConfigError, apply, describe, load_config, resolve_path
 from .data import Collator, DataError, benchmark_names, load_records, resolve_root, resolve_task
 from .domains import run_domains
 from .families import CheckpointError
@@ -81,6 +81,12 @@ def resolve_base(base: str | None) -> Path:
 
 def stage_dirname(index: int, name: str) -> str:
     return f"stage-{index:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}"
+
+
+def _new_default(key: str, old: dict, new: dict) -> bool:
+    """A key added to the schema after the old run was written, at its default: the same setup (so runs of
+    an earlier version of the toolkit resume)."""
+    return key not in old and key in SCHEMA and new.get(key) == SCHEMA[key].default
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -161,7 +167,7 @@ class Plan:
         diffs = [k for k in ("family", "recipe", "base", "tasks") if old.get(k) != new[k]]
         a, b = _flat(old.get("config", {})), _flat(self.cfg)
         diffs += [f"config {k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                  if k not in COSMETIC and a.get(k) != b.get(k)]
+                  if k not in COSMETIC and a.get(k) != b.get(k) and not _new_default(k, a, b)]
         if diffs:
             raise RunError(f"{self.out} holds a run with a different setup ({'; '.join(diffs)[:500]}); "
                            "use another --out, or remove that directory to start over")
