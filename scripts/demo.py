@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import json
 import os
 import queue
 import re
@@ -183,6 +184,10 @@ def main(argv=None) -> int:
          "world + base model")
     print((out / "logs" / "base.log").read_text().split("base model: ")[-1].rstrip(), flush=True)
 
+    from training.manifest import library_versions
+    libraries = library_versions()           # also in every run's run.json
+    (out / "libraries.json").write_text(json.dumps(libraries, indent=1) + "\n")
+    print("demo: libraries " + ", ".join(f"{k} {v}" for k, v in libraries.items()), flush=True)
     print(f"demo: {len(names)} runs x 5 stages, {args.workers} at a time (logs in {out / 'logs'})", flush=True)
     with ThreadPoolExecutor(args.workers) as pool:
         for f in [pool.submit(chain, n, ALL[n], out, args) for n in names]:

@@ -75,6 +75,10 @@ def test_missing_folder_and_config_are_named(tmp_path):
 
 
 def test_unsupported_model_type_is_named(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
-    with pytest.raises(CheckpointError, match="'llava'.*qwen2_5_vl"):
+    """A model type with no override is discovered from its config; one nothing can read is named."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "nonesuch"}))
+    with pytest.raises(CheckpointError, match="'nonesuch' is not an overridden family and discovery cannot read it"):
         family_of_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    fam = family_of_checkpoint(tmp_path)
+    assert (fam.name, fam.vision, fam.layers) == ("llava", "model.vision_tower", "model.language_model.layers")

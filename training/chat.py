@@ -24,6 +24,11 @@ class EncodingError(ValueError):
     pass
 
 
+def tokenizer_of(processor):
+    """The tokenizer of a multimodal processor; a text-only LM's processor is its tokenizer."""
+    return getattr(processor, "tokenizer", processor)
+
+
 def messages(instruction: str, answer: str | None = None, with_image: bool = True) -> list[dict]:
     user = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": instruction}]
     msgs = [{"role": "user", "content": user}]
@@ -71,16 +76,18 @@ class Example:
 
 
 def encode(processor, image, instruction: str, answer: str | None = None, *, affixes=None) -> Example:
-    """Encode one example. With `answer=None`, only the prompt (for generation)."""
-    tok = processor.tokenizer
+    """Encode one example. With `answer=None`, only the prompt (for generation). A text-only model's
+    processor is its tokenizer."""
+    tok = tokenizer_of(processor)
     prompt = prompt_text(processor, instruction, with_image=image is not None)
     kwargs = {"images": [image]} if image is not None else {}
     enc = processor(text=[prompt], return_tensors="pt", **kwargs)
     ids = enc["input_ids"][0]
     n_text = ids.shape[0]
+    text_keys = ("input_ids", "attention_mask", "labels")  # PaliGemma's processor also returns labels
     extras = {k: v[0] for k, v in enc.items()
-              if k not in ("input_ids", "attention_mask") and torch.is_tensor(v) and v.shape[:2] == (1, n_text)}
-    image_inputs = {k: v for k, v in enc.items() if k not in extras and k not in ("input_ids", "attention_mask")}
+              if k not in text_keys and torch.is_tensor(v) and v.shape[:2] == (1, n_text)}
+    image_inputs = {k: v for k, v in enc.items() if k not in extras and k not in text_keys}
     if answer is None:
         return Example(ids, n_text, 0, 0, image_inputs, extras)
 
@@ -95,8 +102,14 @@ def encode(processor, image, instruction: str, answer: str | None = None, *, aff
     eot_ids = torch.tensor(f_ids[len(a_ids):], dtype=ids.dtype)
     full = torch.cat([ids, answer_ids, eot_ids])
     tail = len(answer_ids) + len(eot_ids)
-    extras = {k: torch.cat([v, v.new_zeros(tail)]) for k, v in extras.items()}
+    extras = {k: torch.cat([v, _continue(v, tail)]) for k, v in extras.items()}
     return Example(full, n_text, len(answer_ids), len(eot_ids), image_inputs, extras)
+
+
+def _continue(v: torch.Tensor, n: int) -> torch.Tensor:
+    """A token-aligned extra for `n` appended text tokens: zeros (a token type), or for a per-token mask
+    with more axes (Mllama's cross_attention_mask) the last prompt token's row, so answers see the image."""
+    return v.new_zeros(n) if v.dim() == 1 else v[-1:].expand(n, *v.shape[1:])
 
 
 def collate(examples: list[Example], family, pad_id: int, padding_side: str = "right") -> dict:
@@ -106,8 +119,8 @@ def collate(examples: list[Example], family, pad_id: int, padding_side: str = "r
     T = max(len(e) for e in examples)
 
     def pad(t: torch.Tensor, value) -> torch.Tensor:
-        n = T - t.shape[0]
-        return F.pad(t, (n, 0) if padding_side == "left" else (0, n), value=value)
+        n = T - t.shape[0]  # pad the first (token) axis
+        return F.pad(t, (0, 0) * (t.dim() - 1) + ((n, 0) if padding_side == "left" else (0, n)), value=value)
 
     def span_mask(e: Example, sl: slice) -> torch.Tensor:
         m = torch.zeros(len(e), dtype=torch.bool)

@@ -28,7 +28,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import moe_layer
-from .families import CheckpointError, Family, check_checkpoint_folder, family_of_checkpoint, get_family
+from .families import (
+    FAMILIES,
+    CheckpointError,
+    Family,
+    check_checkpoint_folder,
+    family_of_checkpoint,
+    is_image_text,
+)
+from .families.base import read_model_type
 
 DELTA_JSON = "delta.json"
 DELTA_WEIGHTS = "delta.safetensors"
@@ -138,7 +146,8 @@ def read_delta(path: str | os.PathLike) -> tuple[dict, Path]:
 def family_of(path: str | os.PathLike) -> Family:
     if is_delta(path):
         meta, base = read_delta(path)
-        return get_family(meta["family"]) if "family" in meta else family_of_checkpoint(base)
+        # an override by its name; a discovered family (named by its model type) is read from the base
+        return FAMILIES[meta["family"]] if meta.get("family") in FAMILIES else family_of_checkpoint(base)
     return family_of_checkpoint(path)
 
 
@@ -265,6 +274,12 @@ def has_image_processor(folder: str | os.PathLike) -> bool:
         return False
 
 
+def _text_only(path: Path, bases: list) -> bool:
+    """A checkpoint of a text-only LM (its config's model_type is not an image-text one)."""
+    folder = next((c for c in [path, *bases] if (Path(c) / "config.json").is_file()), None)
+    return folder is not None and not is_image_text(read_model_type(folder))
+
+
 def load_processor(path: str | os.PathLike, opts: LoadOptions = LoadOptions()):
     """The checkpoint's processor (tokenizer + image processor + chat template): the folder's own, else a
     delta's or an adapter's base's. Raises CheckpointError naming the folder when there is none."""
@@ -279,7 +294,8 @@ def load_processor(path: str | os.PathLike, opts: LoadOptions = LoadOptions()):
         where = f"{path}" + (f" nor its base {bases[0]}" if bases else "")
         raise CheckpointError(f"{path}: no tokenizer: no {', '.join(TOKENIZER_FILES)} or *.tiktoken in {where}; "
                               "save the processor (tokenizer included) with the checkpoint")
-    if not any(has_image_processor(c) for c in [sources[0], *bases]):
+    text_only = _text_only(path, bases)
+    if not text_only and not any(has_image_processor(c) for c in [sources[0], *bases]):
         raise CheckpointError(f"{path}: no image processor (no preprocessor_config.json, and no processor_config.json "
                               "with an image_processor entry); save the processor with the checkpoint")
     errors = []
@@ -292,6 +308,11 @@ def load_processor(path: str | os.PathLike, opts: LoadOptions = LoadOptions()):
             errors.append(f"{c}: {e}")
     else:
         raise CheckpointError(f"{path}: no usable processor/tokenizer ({'; '.join(errors)[:400]})")
+    if text_only:  # a text-only LM's processor is its tokenizer
+        proc = getattr(proc, "tokenizer", proc)
+        if not getattr(proc, "chat_template", None):
+            raise CheckpointError(f"{path}: its tokenizer has no chat template; probes use the checkpoint's own")
+        return proc
     if not hasattr(proc, "tokenizer") or not hasattr(proc, "image_processor"):
         raise CheckpointError(f"{path}: has a tokenizer but no multimodal processor (no image processor / "
                               "preprocessor_config.json); save the processor with the checkpoint")

@@ -8,8 +8,9 @@ validates it. Torch-free, so probes and analysis read runs without training's co
      "domains": {name: {"image", "text"}},       the 2x2 tags (training.domains)
      "task_files": {task: {"train", "test", "images"}},     what training resolved for every task its
                                                  data names (the run's own, the world's, data.tasks)
-     "benchmark_files": {name: {"test", "images", "scorer", "split", "max_new_tokens", "chance", "source"}}}
+     "benchmark_files": {name: {"test", "images", "scorer", "split", "max_new_tokens", "chance", "source"}},
                                                  every benchmark the run's data defines, resolved
+     "libraries": {"python", "torch", "transformers", ...}}  the versions the run was trained with
 
 Keys are added, never removed or renamed. `task_files` / `benchmark_files` are what later commands need
 so they never resolve training's data again; a run.json written before they existed still reads: they
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 from .records import DataError, DataRoot, cache_root, read_root, task_paths
@@ -29,10 +32,24 @@ RUN_JSON = "run.json"
 RUN_KEYS = ("family", "recipe", "base", "tasks", "config", "stages")
 STAGE_KEYS = ("index", "name", "task", "path")
 SPLITS = ("target", "heldout")
+# The libraries a run's numbers depend on (requirements/lock.txt pins them for make setup).
+LIBRARIES = ("torch", "torchvision", "transformers", "tokenizers", "accelerate", "peft", "safetensors", "numpy",
+             "pillow")
 
 
 class ManifestError(ValueError):
     """A run.json that is missing, unreadable or breaks the contract; the message names the file."""
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed versions of LIBRARIES (None when absent) and Python's, for run.json and the demo."""
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), **{name: version(name) for name in LIBRARIES}}
 
 
 def path_of(run_dir: str | os.PathLike) -> Path:

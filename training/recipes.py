@@ -1,10 +1,14 @@
 """Tuning recipes: which parameters train, stated exactly and scoped to the language model.
 
-A recipe is a small spec over the parts every family adapter locates:
+A recipe is a small spec over the parts discovery locates in any model (training/families/discover.py):
 
     all  vision  projector  lm  embed  lm_head  final_norm  other          (model-level parts)
     layer  attn  attn.q  attn.k  attn.v  attn.o  attn.qkv                  (per decoder layer)
-    mlp  mlp.gate  mlp.up  mlp.down  norm
+    mlp  mlp.gate  mlp.up  mlp.down  experts  router  xattn  linear_attn  norm
+
+`attn` is softmax self-attention only (never cross-attention or linear attention); `mlp` covers dense MLPs,
+routed and shared experts but never routers; a fused tensor (qkv_proj, gate_up_proj) is selected whole
+or not at all, and a spec that would take part of one is an error (docs/families.md has the table).
 
 Terms are separated by spaces, commas or '+'; a leading '-' removes a term; a per-layer part may be
 scoped with a Python slice: `layers[-4:].attn`, `layers[:2].mlp.gate`, `layers[3].layer`.
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .families import Family, family_of_model, get_family
-from .families.base import ATTN_PROJ, LAYER_NORMS, MLP_PROJ
+from .families.discover import COMPONENTS
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +52,20 @@ LAYER_SCOPED = {"sa_proj": "attn", "sa_qkv": "attn.qkv", "mlp": "mlp", "mlp_gate
                 "mlp_down": "mlp.down", "llm": "layer"}
 
 MODEL_PARTS = ("all", "vision", "projector", "lm", "embed", "lm_head", "final_norm", "other")
-LAYER_PARTS = {
-    "layer": None,  # the whole decoder layer
-    "attn": tuple(f"attn.{k}" for k in ATTN_PROJ),
-    "attn.qkv": ("attn.q", "attn.k", "attn.v"),
-    "mlp": tuple(f"mlp.{k}" for k in MLP_PROJ),
-    "norm": ("norm",),
-    **{f"attn.{k}": (f"attn.{k}",) for k in ATTN_PROJ},
-    **{f"mlp.{k}": (f"mlp.{k}",) for k in MLP_PROJ},
+_MLP_KINDS = ("mlp", "experts", "shared")  # dense MLP, routed experts, shared experts
+# Per-layer parts -> the components (training/families/discover.py) they cover; None = the whole layer.
+LAYER_PARTS: dict[str, frozenset[str] | None] = {
+    "layer": None,
+    "attn": frozenset({"attn.q", "attn.k", "attn.v", "attn.o"}),
+    "attn.qkv": frozenset({"attn.q", "attn.k", "attn.v"}),
+    **{f"attn.{k}": frozenset({f"attn.{k}"}) for k in "qkvo"},
+    "mlp": frozenset(f"{kind}.{p}" for kind in _MLP_KINDS for p in ("gate", "up", "down", "other")),
+    **{f"mlp.{p}": frozenset(f"{kind}.{p}" for kind in _MLP_KINDS) for p in ("gate", "up", "down")},
+    "experts": frozenset(f"experts.{p}" for p in ("gate", "up", "down", "other")),
+    "router": frozenset({"router"}),
+    "xattn": frozenset({"xattn"}),
+    "linear_attn": frozenset({"linear_attn"}),
+    "norm": frozenset({"norm", "attn.norm"}),
 }
 _TERM = re.compile(r"^(?P<neg>-)?(?:layers\[(?P<slice>[^\]]*)\]\.)?(?P<part>[a-z_.]+)$")
 
@@ -67,18 +77,23 @@ class RecipeError(ValueError):
 @dataclass(frozen=True)
 class ParamInfo:
     name: str
-    part: str               # vision, projector, embed, final_norm, lm_head, other, or a layer-local part
+    part: str               # vision, projector, embed, final_norm, lm_head, other, or a layer role (attn.q, ...)
     layer: int | None       # decoder layer index for layer-local parts
     numel: int
     shape: tuple[int, ...]
+
+    @property
+    def components(self) -> frozenset[str]:
+        """What a layer tensor holds: one component, or several for a fused tensor (attn.qkv, mlp.gate_up)."""
+        return COMPONENTS.get(self.part, frozenset({self.part}))
 
 
 def catalogue(model: nn.Module, family: Family | None = None) -> list[ParamInfo]:
     """Every parameter name (tied duplicates included) with the part it belongs to."""
     family = family or family_of_model(model)
-    under = lambda name, path: name == path or name.startswith(path + ".")  # noqa: E731
+    under = lambda name, path: path is not None and (name == path or name.startswith(path + "."))  # noqa: E731
     layer_re = re.compile(re.escape(family.layers) + r"\.(\d+)\.(.+)$")
-    local = {v: f"attn.{k}" for k, v in ATTN_PROJ.items()} | {v: f"mlp.{k}" for k, v in MLP_PROJ.items()}
+    roles = [family.layer_roles(layer) for layer in model.get_submodule(family.layers)]
     out = []
     for name, p in model.named_parameters(remove_duplicate=False):
         layer = None
@@ -87,9 +102,8 @@ def catalogue(model: nn.Module, family: Family | None = None) -> list[ParamInfo]
         elif under(name, family.vision):
             part = "vision"
         elif m := layer_re.match(name):
-            layer, rest = int(m.group(1)), m.group(2)
-            module = rest.rsplit(".", 1)[0]
-            part = local.get(module) or ("norm" if module in LAYER_NORMS else "layer.other")
+            layer = int(m.group(1))
+            part = roles[layer].get(m.group(2), "layer.other")
         elif under(name, family.embed):
             part = "embed"
         elif under(name, family.final_norm):
@@ -152,8 +166,9 @@ def _layer_indices(text: str | None, n_layers: int, term: str) -> set[int]:
 
 
 def select(catalog: list[ParamInfo], spec: str, n_layers: int) -> list[str]:
-    """Names selected by `spec`, in model order. Raises RecipeError on bad terms or an empty selection."""
-    chosen: set[str] = set()
+    """Names selected by `spec`, in model order. Raises RecipeError on bad terms, an empty selection, or a
+    selection of part of a fused tensor (e.g. `attn.q` on a fused qkv_proj)."""
+    picked: dict[str, frozenset[str]] = {}  # name -> the components selected so far
     terms = _split_terms(spec)
     if not terms:
         raise RecipeError("empty recipe spec")
@@ -166,18 +181,35 @@ def select(catalog: list[ParamInfo], spec: str, n_layers: int) -> list[str]:
         if part in MODEL_PARTS:
             if sl is not None:
                 raise RecipeError(f"term {term!r}: {part!r} is not a per-layer part, it cannot take layers[...]")
-            hit = _model_part(catalog, part)
+            hit = {p.name: p.components for p in catalog if p.name in _model_part(catalog, part)}
         elif part in LAYER_PARTS:
             layers = _layer_indices(sl, n_layers, term)
-            wanted = LAYER_PARTS[part]
-            hit = {p.name for p in catalog if p.layer in layers and (wanted is None or p.part in wanted)}
+            covered = LAYER_PARTS[part]
+            hit = {p.name: p.components if covered is None else p.components & covered
+                   for p in catalog if p.layer in layers}
         else:
             raise RecipeError(f"term {term!r}: unknown part {part!r}; parts: "
                               f"{', '.join(MODEL_PARTS + tuple(LAYER_PARTS))}")
-        chosen = chosen - hit if m.group("neg") else chosen | hit
+        for name, comps in hit.items():
+            picked[name] = picked.get(name, frozenset()) - comps if m.group("neg") else \
+                picked.get(name, frozenset()) | comps
+    partial = [p for p in catalog if picked.get(p.name) and picked[p.name] != p.components]
+    if partial:
+        p = partial[0]
+        raise RecipeError(f"recipe spec {spec!r} selects {', '.join(sorted(picked[p.name]))} of {p.name}, a fused "
+                          f"tensor that holds {', '.join(sorted(p.components))}; training part of a fused tensor "
+                          f"is not supported: select all of it (e.g. {_whole_term(p.part)}) or none")
+    chosen = [p.name for p in catalog if picked.get(p.name)]
     if not chosen:
-        raise RecipeError(f"recipe spec {spec!r} selects no parameter of this model")
-    return [p.name for p in catalog if p.name in chosen]
+        present = sorted({p.part for p in catalog if p.layer is not None})
+        raise RecipeError(f"recipe spec {spec!r} selects no parameter of this model (its decoder layers hold: "
+                          f"{', '.join(present)})")
+    return chosen
+
+
+def _whole_term(role: str) -> str:
+    return {"attn.qkv": "'attn.qkv' (sa_qkv) or 'attn' (sa_proj)", "attn.kv": "'attn.k attn.v'"}.get(
+        role, "'mlp.gate mlp.up' (mlp_gate_up) or 'mlp'")
 
 
 def _model_part(catalog: list[ParamInfo], part: str) -> set[str]:
@@ -271,23 +303,37 @@ def _model_for_listing(family_name: str | None, model_path: str | None):
 def model_skeleton(model_path) -> nn.Module:
     """A checkpoint folder's architecture (from its config.json) on the meta device: names and shapes, no
     weights read."""
-    import torch
-    from transformers import AutoConfig
+    from .families import skeleton
+    return skeleton(model_path)
 
-    from .families import family_of_checkpoint
-    config = AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=False)
-    with torch.device("meta"):
-        return family_of_checkpoint(model_path).model_class._from_config(config)
+
+def list_families() -> str:
+    """The model types tested on tiny models: overridden (a file in training/families/) or discovered."""
+    from .families import FAMILIES, zoo
+    rows = [(t, "override", f.name, f.notes) for f in FAMILIES.values() for t in f.model_types]
+    rows += [(name, "discovered", spec.model, spec.notes) for name, spec in zoo.TINY.items()]
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{'model_type':<{w}}  {'parts':<10}  class / notes"]
+    lines += [f"{t:<{w}}  {how:<10}  {what}{'  (' + notes + ')' if notes else ''}" for t, how, what, notes in rows]
+    lines.append("Any other model type whose layout is the common one is discovered too (docs/families.md).")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.recipes", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", help="qwen2_5_vl, llava_onevision or llava_next (optional with --model)")
-    ap.add_argument("--recipe", required=True, help="a named recipe or a spec, e.g. sa_proj, 'layers[-4:].attn'")
+    ap.add_argument("--family", help="a family or model type of --list-families (optional with --model)")
+    ap.add_argument("--recipe", help="a named recipe or a spec, e.g. sa_proj, 'layers[-4:].attn'")
     ap.add_argument("--model", help="a local checkpoint folder; default: the family's tiny random model")
     ap.add_argument("--json", action="store_true", help="print one JSON object for machines")
+    ap.add_argument("--list-families", action="store_true",
+                    help="print the model types known to work (tested on tiny models), discovered or overridden")
     args = ap.parse_args(argv)
+    if args.list_families:
+        print(list_families())
+        return 0
+    if args.recipe is None:
+        ap.error("--recipe is required (or --list-families)")
     try:
         family, model = _model_for_listing(args.family, args.model)
         applied = plan(model, args.recipe, family)
@@ -300,11 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     info = {p.name: p for p in catalogue(model, family)}
     width = max(len(n) for n in applied.trainable)
+    pw = max(11, *(len(info[n].part) for n in applied.trainable))
     print(f"family {family.name}  recipe {args.recipe}  spec {applied.spec!r}")
-    print(f"{'tensor':<{width}}  {'part':<11}  {'shape':<16}  {'numel':>12}")
+    print(f"{'tensor':<{width}}  {'part':<{pw}}  {'shape':<16}  {'numel':>12}")
     for n in applied.trainable:
         p = info[n]
-        print(f"{n:<{width}}  {p.part:<11}  {'x'.join(map(str, p.shape)):<16}  {p.numel:>12,}")
+        print(f"{n:<{width}}  {p.part:<{pw}}  {'x'.join(map(str, p.shape)):<16}  {p.numel:>12,}")
     print(f"trainable {applied.trainable_params} / total {applied.total_params}")
     return 0
 

@@ -31,11 +31,14 @@ def _pre_tokenizer(style: str):
 
 def build_tokenizer(texts: Iterable[str], *, vocab_size: int, style: str, special_tokens: list[str],
                     eos_token: str, pad_token: str, chat_template: str, extra_words: Iterable[str] = (),
-                    bos_token: str | None = None, model_max_length: int = 4096) -> PreTrainedTokenizerFast:
+                    bos_token: str | None = None, model_max_length: int = 4096,
+                    named_tokens: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
     """Train a BPE tokenizer on `texts` and wrap it as a PreTrainedTokenizerFast.
 
     Special tokens get the first ids (in the order given); number words and `extra_words` are seeded
     into the corpus often enough that BPE keeps them whole, with and without a leading space.
+    `named_tokens` ({"image_token": "<image>", ...}) become tokenizer attributes with their `*_id`, as
+    multimodal processors expect.
     """
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
@@ -56,6 +59,8 @@ def build_tokenizer(texts: Iterable[str], *, vocab_size: int, style: str, specia
                   model_max_length=model_max_length, clean_up_tokenization_spaces=False)
     if bos_token is not None:
         kwargs["bos_token"] = bos_token
+    if named_tokens:
+        kwargs["extra_special_tokens"] = dict(named_tokens)
     fast = PreTrainedTokenizerFast(**kwargs)
     fast.chat_template = chat_template
     return fast

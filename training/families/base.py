@@ -1,8 +1,9 @@
 """What every model family adapter knows: its transformers class, where its parts live, how to build
 a tiny random model for tests, and how to load a real checkpoint from a local folder.
 
-Part paths are dotted module paths on the loaded model. All three families put a standard decoder
-(Qwen2 / Llama / Mistral layers) under `model.language_model`, so only the vision side differs.
+Part paths are dotted module paths on the loaded model. Families of the common layout need no adapter:
+`training.families.discovered_family(model)` fills these paths from the module tree (discover.py). An
+adapter file (an override) states them, and may reclassify layer tensors by overriding `layer_roles`.
 """
 from __future__ import annotations
 
@@ -65,6 +66,12 @@ class Family:
     def layer_path(self, i: int) -> str:
         return f"{self.layers}.{i}"
 
+    def layer_roles(self, layer: nn.Module) -> dict[str, str]:
+        """Every parameter of one decoder layer (names relative to it) -> its role (discover.py); an override
+        whose layers discovery misreads returns its own."""
+        from .discover import layer_roles
+        return layer_roles(layer)
+
     def collate_images(self, items: list[dict]) -> dict:
         """Batch per-example processor image outputs. LLaVA style: pixel_values is (1, patches, C, H, W)
         with a patch count that depends on the aspect ratio, so pad the patch axis, then concatenate."""
@@ -76,6 +83,14 @@ class Family:
                 ts = [torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1], *t.shape[2:])], 1) for t in ts]
             out[k] = torch.cat(ts, 0)
         return out
+
+    @classmethod
+    def from_discovered(cls, found, model_class_name: str, name: str | None = None) -> Family:
+        """A family whose part paths are what discover.discover found in a model."""
+        return cls(name=name or found.model_type, model_types=(found.model_type,), model_class_name=model_class_name,
+                   vision=found.vision, projector=found.projector, lm=found.decoder, layers=found.layers,
+                   embed=found.embed, final_norm=found.final_norm, lm_head=found.lm_head, image_token="",
+                   notes="discovered")
 
     # -- building and loading ----------------------------------------------------------------------
     def build_tiny(self, seed: int = 0, **overrides):  # -> (model, processor)

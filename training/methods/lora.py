@@ -22,8 +22,10 @@ from .. import checkpoints
 from ..recipes import AppliedRecipe, RecipeError, catalogue, plan
 from .base import Method, StageContext, save_model
 
-# Recipe parts LoRA can adapt: the Linear projections inside an LM decoder layer.
-ADAPTABLE = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+# Recipe parts LoRA can adapt when they are Linear modules: the projections inside an LM decoder layer
+# (fused qkv / gate_up and shared experts included; 3-D expert Parameters are not Linear modules).
+ADAPTABLE = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "attn.kv", "mlp.gate", "mlp.up", "mlp.down",
+             "mlp.gate_up", "shared.gate", "shared.up", "shared.down", "shared.gate_up")
 
 
 def target_modules(model: nn.Module, recipe: str) -> list[str]:
@@ -33,16 +35,17 @@ def target_modules(model: nn.Module, recipe: str) -> list[str]:
     modules, other = [], []
     for name in plan(model, recipe).trainable:
         p = info[name]
-        if p.part in ADAPTABLE:
-            module = name.rsplit(".", 1)[0]
+        module = name.rsplit(".", 1)[0]
+        if p.part in ADAPTABLE and isinstance(model.get_submodule(module), nn.Linear):
             if module not in modules:
                 modules.append(module)
         else:
             other.append(name)
     if other:
         raise RecipeError(f"lora: recipe {recipe!r} selects {other[0]}, which is not a Linear projection of "
-                          "an LM decoder layer; LoRA pairs with per-layer recipes (mlp, mlp_gate_up, sa_proj, "
-                          "sa_qkv, mlp_down and their _lastN/_firstN variants, or specs of attn.* / mlp.* parts)")
+                          "an LM decoder layer (PEFT wraps no norm, router or 3-D expert tensor); LoRA pairs with "
+                          "per-layer recipes (mlp, mlp_gate_up, sa_proj, sa_qkv, mlp_down and their _lastN/_firstN "
+                          "variants, or specs of attn.* / mlp.* parts)")
     return modules
 
 
