@@ -204,7 +204,7 @@ _SMALL_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five 
 
 
 @register_scorer("lmms_realworldqa_fork")
-def realworldqa_fork(prediction: str, references, question: str) -> float:
+def realworldqa_fork(prediction: str, references, question: str = "") -> float:
     """The fork's filter chain, then exact_match ignoring case and punctuation against the answer:
     NumberWordsToDigitsFilter maps a whole response "three" -> "3"; MultiChoiceRegexFilter reads the
     choices "X. text" from the question (lettered A, B, ... in order of appearance), strips the response's
@@ -215,7 +215,7 @@ def realworldqa_fork(prediction: str, references, question: str) -> float:
     for i, (_, text) in enumerate(re.findall(r"\b([A-Z])\.\s+([^\n]*)", question)):
         choices[text.strip()] = chr(ord("A") + i)
     cleaned = re.sub(r"[^\w\s]", "", resp).strip()
-    m = re.search("|".join(re.escape(t) for t in choices), cleaned)
+    m = re.search("|".join(re.escape(t) for t in choices), cleaned) if choices else None  # no question: no choices
     chosen = choices[m.group()] if m and m.group() in choices else cleaned
     return _hf_exact_match(chosen.strip(), _one(references))
 

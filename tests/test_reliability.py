@@ -145,7 +145,8 @@ def test_probes_evaluate_killed_while_writing_then_rerun_equals_an_uninterrupted
     ref = sorted_table(tmp_path / "ref.parquet", EVAL_KEY)
     assert len(ref) == 4
 
-    killed_mid_write(tmp_path, "evaluate", 3, args)     # stage 0's two rows are written; dies on stage 1's first
+    # each benchmark writes its items, then its row: stage 0's two rows are written; dies on stage 1's first row
+    killed_mid_write(tmp_path, "evaluate", 6, args)
     left = sorted_table(run / "evals.parquet", EVAL_KEY)
     pd.testing.assert_frame_equal(left, ref[ref.stage == 0].reset_index(drop=True), check_exact=True,
                                   check_dtype=False)
@@ -156,6 +157,11 @@ def test_probes_evaluate_killed_while_writing_then_rerun_equals_an_uninterrupted
     assert not got.duplicated(EVAL_KEY).any()
     pd.testing.assert_frame_equal(got, ref, check_exact=True)
     assert not list(run.glob(".evals.parquet.*.tmp"))
+    items_key = ["stage", "benchmark", "item_id"]         # the killed attempt's items were replaced, not doubled
+    items, ref_items = (pd.read_parquet(p).sort_values(items_key).reset_index(drop=True)
+                        for p in (run / "items.parquet", tmp_path / "ref.items.parquet"))
+    assert not items.duplicated(items_key).any()
+    pd.testing.assert_frame_equal(items.drop(columns="run"), ref_items.drop(columns="run"), check_exact=True)
 
 
 # -- two writers ---------------------------------------------------------------------------------------
