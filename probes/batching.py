@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from training.chat import EncodingError, collate
+from training.chat import EncodingError, collate, tokenizer_of
 
 from .captions import CaptionDataError, Sample
 from .encoding import Encoder
@@ -53,7 +53,7 @@ class EncodeCache:
 
 def processor_key(processor) -> str:
     """What makes two processors encode alike: vocabulary, chat template, image processor settings."""
-    tok = processor.tokenizer
+    tok = tokenizer_of(processor)
     parts = [vocab_fingerprint(tok), str(getattr(processor, "chat_template", None) or tok.chat_template),
              processor.image_processor.to_json_string() if hasattr(processor, "image_processor") else "",
              type(processor).__name__]
@@ -73,7 +73,7 @@ def default_workers(device: torch.device) -> int:
 def estimate_lengths(processor, samples: Sequence[Sample], with_answer: bool) -> list[int]:
     """Token counts for sorting: text tokens plus image tokens from the image header (the processor's
     own count where it has one), without decoding any image."""
-    tok = processor.tokenizer
+    tok = tokenizer_of(processor)
     texts = [s.instruction + (" " + (s.caption or "") if with_answer else "") for s in samples]
     text_len = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
     sizes = [s.image_size() for s in samples]

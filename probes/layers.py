@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from training.chat import tokenizer_of
 from training.checkpoints import load, load_processor
 from training.families import CheckpointError, family_of_model
 
@@ -281,7 +282,7 @@ class Layers(Command):
         self.cache, self.vision = EncodeCache(), VisionCache()   # the stages share encodings and (LM-only) image features
         base_model, _ = load(self.base_path, o.load, processor=self.processor)
         self.base = Engine(base_model, self.processor, token_sets=(), encode_cache=self.cache, vision_cache=self.vision)
-        self.readout = Readout(base_model, token_set(self.processor.tokenizer, "number"))
+        self.readout = Readout(base_model, token_set(tokenizer_of(self.processor), "number"))
         self.n_layers = Taps(base_model, self.base.family).n_layers
         self.batches = self.base.plan(self.caps.samples, o.batch_size, True)
 
@@ -311,7 +312,7 @@ class Layers(Command):
 
     def open(self, ck) -> Engine:
         own = load_processor(ck.path, self.opts.load)
-        if vocab_fingerprint(own.tokenizer) != vocab_fingerprint(self.processor.tokenizer):
+        if vocab_fingerprint(tokenizer_of(own)) != vocab_fingerprint(tokenizer_of(self.processor)):
             raise CheckpointError(f"{ck.path}: its tokenizer differs from the base's")
         model, _ = load(ck.path, self.opts.load, processor=self.processor)
         return Engine(model, self.processor, token_sets=(), encode_cache=self.cache, vision_cache=self.vision)

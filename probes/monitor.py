@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from training.chat import tokenizer_of
 from training.checkpoints import LoadOptions, load, load_processor
 from training.families import CheckpointError
 
@@ -173,7 +174,7 @@ class MonitorProbe:
         every_caption = load_captions(self.captions["path"], self.captions.get("images"), num_samples=None,
                                       sample="first")
         samples = every_caption.samples[:min(self.settings.captions, len(every_caption.samples))]
-        tok = self.processor.tokenizer
+        tok = tokenizer_of(self.processor)
         vocab = decoded_vocab(tok)
         set_ids = {"number": token_set(tok, "number", vocab)}
         refs = [s.caption for s in every_caption.samples[:SIGNATURE_CAPTIONS]]

@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from training.chat import tokenizer_of
 from training.checkpoints import LoadOptions, load, load_processor
 from training.families import CheckpointError
 
@@ -191,7 +192,7 @@ class ProbeRun(Command):
         """The token sets (of the run's tokenizer) and, for --drift, the base reference."""
         if not units or self.reference is None:      # nothing to do, or every checkpoint fails to load
             return
-        tok = self.reference[1].tokenizer
+        tok = tokenizer_of(self.reference[1])
         vocab = decoded_vocab(tok)
         self.set_ids = {s: token_set(tok, s, vocab) for s in self.opts.token_sets} | self.extras.sig_sets
         if self.extras.drift and any("teacher-forced" in modes for modes in units):
@@ -200,12 +201,12 @@ class ProbeRun(Command):
 
     def open(self, ck) -> Engine:
         processor = load_processor(ck.path, self.opts.load)
-        tok, (ref_path, ref) = processor.tokenizer, self.reference
-        fp, ref_fp = vocab_fingerprint(tok), vocab_fingerprint(ref.tokenizer)   # same id -> token map: same sets
+        tok, (ref_path, ref) = tokenizer_of(processor), self.reference
+        fp, ref_fp = vocab_fingerprint(tok), vocab_fingerprint(tokenizer_of(ref))   # same id -> token map: same sets
         if fp != ref_fp:
             raise CheckpointError(
                 f"{ck.path}: its tokenizer ({len(tok)} tokens, fingerprint {fp}) differs from {ref_path}'s "
-                f"({len(ref.tokenizer)} tokens, {ref_fp}); token-set probes across different vocabularies are not "
+                f"({len(tokenizer_of(ref))} tokens, {ref_fp}); token-set probes across different vocabularies are not "
                 "comparable, so probe it in a run of its own")
         model, processor = load(ck.path, self.opts.load, processor=processor)
         return Engine(model, processor, set_ids=self.set_ids, encode_cache=self.encode_cache,
