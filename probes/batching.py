@@ -115,6 +115,8 @@ class Batcher:
         self.cache, self.proc_key = encode_cache, proc_key
         self.encoder = encode_cache.encoder(processor, proc_key) if encode_cache is not None else Encoder(processor)
         self.prefetch, self.workers, self.pin = prefetch, workers, pin
+        # a text-only LM's processor is its tokenizer: it probes the instruction and caption text alone
+        self.text_only = not hasattr(processor, "image_processor")
 
     def _key(self, sample: Sample, with_answer: bool):
         return (self.proc_key, sample.id, sample.image_ref, sample.instruction,
@@ -132,8 +134,8 @@ class Batcher:
             else:
                 todo.append(j)
         if todo:
-            items = [(samples[j].open_image(), samples[j].instruction, samples[j].caption if with_answer else None)
-                     for j in todo]
+            items = [(None if self.text_only else samples[j].open_image(), samples[j].instruction,
+                      samples[j].caption if with_answer else None) for j in todo]
             try:
                 exs = self.encoder.encode_many(items)
             except EncodingError:        # find and name the sample

@@ -119,13 +119,16 @@ def parse_args(argv=None) -> RunOptions:
     return RunOptions.from_args(args, token_sets=token_sets, extras=extras)
 
 
-def load_run_captions(opts, run: RunDir):
-    """The caption set of `opts` (captions, images, num_samples, sample, seed, strict), else the one run.json names."""
+def load_run_captions(opts, run: RunDir, text_only: bool = False):
+    """The caption set of `opts` (captions, images, num_samples, sample, seed, strict), else the one run.json
+    names; for a text-only LM (`text_only`) without images (the instruction and caption alone)."""
     if opts.captions:
-        return load_captions(opts.captions, opts.images, opts.num_samples, opts.sample, opts.seed, opts.strict)
+        return load_captions(opts.captions, opts.images, opts.num_samples, opts.sample, opts.seed, opts.strict,
+                             text_only)
     if run.captions:
         images = opts.images or run.captions.get("images")
-        return load_captions(run.captions["path"], images, opts.num_samples, opts.sample, opts.seed, opts.strict)
+        return load_captions(run.captions["path"], images, opts.num_samples, opts.sample, opts.seed, opts.strict,
+                             text_only)
     raise CaptionDataError(f"no caption set: pass --captions PATH (and --images DIR); {run.root} has no run.json "
                            "naming one" if not run.manifest else
                            f"no caption set: pass --captions PATH; {run.root / 'run.json'} names none "
@@ -142,6 +145,11 @@ def reference_tokenizer(run: RunDir, opts) -> tuple[Path, object] | None:
     return None
 
 
+def is_text_only(processor) -> bool:
+    """A text-only LM's processor is its tokenizer (no image processor): it probes caption text alone."""
+    return not hasattr(processor, "image_processor")
+
+
 class ProbeRun(Command):
     """Per checkpoint, one unit: the modes the table still lacks, gathered and written together."""
     prog, table_file = "probes.run", "probes.parquet"
@@ -150,12 +158,12 @@ class ProbeRun(Command):
     def setup(self, run, out, procs) -> None:
         super().setup(run, out, procs)
         o = self.opts
-        self.caps = load_run_captions(o, run)
+        self.reference = reference_tokenizer(run, o)
+        self.caps = load_run_captions(o, run, text_only=self.reference is not None and is_text_only(self.reference[1]))
         self.extras = drift_extras.setup(o.extras, run, self.caps, out, o.load, say=procs.say, write=procs.main)
         self.names = {m: self.extras.names(o.token_sets, m) for m in MODES[o.mode]}   # per mode: drift is tf only
         if o.profile == "study":
             self.names = {"generate": list(study.STATISTICS)}
-        self.reference = reference_tokenizer(run, o)
         self.encode_cache = EncodeCache()        # the checkpoints share a processor: encode each caption once
         self.vision_cache = None if o.no_vision_cache else VisionCache()   # LM-only stages share image features
 

@@ -6,11 +6,14 @@ LMs probe the caption text alone (no image)."""
 import warnings
 
 import pytest
+import torch
 from PIL import Image
 
 from probes.batching import EncodeCache
 from probes.captions import Sample
 from probes.engine import Engine
+from probes.forward import caption_positions
+from probes.layers import Taps
 from probes.vision_cache import VisionCache
 from training.families import family_of_model, zoo
 
@@ -81,3 +84,22 @@ def test_generation_matches_per_sample_greedy_reference(name, zoo_setup):
         tokens, r = ref_generate(model, processor, fam, s, ids, eng.stop_ids, MAX_NEW)
         assert g.token_ids == tokens, (name, s.id)
         assert close(g.stats["number_mass"], r["number_mass"]), (name, s.id, g.stats, r)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_layer_writes_sum_to_the_final_residual(name, zoo_setup):
+    """probes.layers' write points are what each block adds to the residual stream: at the caption positions
+    the token embeddings plus every block's write equal the final norm's input (cross-attention gates, sandwich
+    norms and MoE blocks included); the blocks are reported by kind."""
+    model, processor, samples, _ = zoo_setup(name)
+    eng = Engine(model, processor, token_sets=())
+    taps = Taps(model, eng.family)
+    idx, batch, keys = next(eng.stream(samples, [[0, 1]], True, "right"))
+    eng.forward.caption_rows(samples, idx, batch, keys, hooks=taps.capture)
+    rows = dict(taps.rows)
+    emb = model.get_input_embeddings()(batch["input_ids"])[caption_positions(batch["answer_mask"])]
+    total = emb.float() + sum(v for k, v in rows.items() if k.startswith("blocks."))
+    torch.testing.assert_close(total, rows["ln_final.input"], rtol=1e-4, atol=1e-4)
+    kinds = {k.split(".")[2].removesuffix("_out") for k in rows if k.startswith("blocks.")}
+    assert kinds == {"qwen3_5": {"attn", "linear_attn", "mlp"}, "mllama": {"attn", "xattn", "mlp"}}.get(
+        name, {"attn", "mlp"}), kinds
