@@ -51,6 +51,12 @@ class EncodeCache:
         return self.encoders[key]
 
 
+def is_text_only(processor) -> bool:
+    """A text-only LM's processor is its tokenizer (no image processor): it probes the instruction and caption
+    text alone, and needs no images."""
+    return not hasattr(processor, "image_processor")
+
+
 def processor_key(processor) -> str:
     """What makes two processors encode alike: vocabulary, chat template, image processor settings."""
     tok = tokenizer_of(processor)
@@ -115,8 +121,7 @@ class Batcher:
         self.cache, self.proc_key = encode_cache, proc_key
         self.encoder = encode_cache.encoder(processor, proc_key) if encode_cache is not None else Encoder(processor)
         self.prefetch, self.workers, self.pin = prefetch, workers, pin
-        # a text-only LM's processor is its tokenizer: it probes the instruction and caption text alone
-        self.text_only = not hasattr(processor, "image_processor")
+        self.text_only = is_text_only(processor)
 
     def _key(self, sample: Sample, with_answer: bool):
         return (self.proc_key, sample.id, sample.image_ref, sample.instruction,

@@ -61,7 +61,7 @@ from training.families import CheckpointError, family_of_model
 from training.families.discover import BLOCKS, layer_blocks
 
 from . import table
-from .batching import EncodeCache
+from .batching import EncodeCache, is_text_only
 from .cli import add_loading_arguments
 from .drift import DriftError
 from .engine import Engine
@@ -333,7 +333,6 @@ class Layers(Command):
     def setup(self, run, out, procs) -> None:
         super().setup(run, out, procs)
         o = self.opts
-        self.caps = load_run_captions(o, run)
         read_layers(out)                          # a foreign file stops here, before any model
         if o.base:
             self.base_path, self.base_rel = Path(o.base), str(Path(o.base).resolve())
@@ -343,6 +342,7 @@ class Layers(Command):
                 raise DriftError(f"{run.root}: no stage 0 to serve as the base; pass --base PATH")
             self.base_path, self.base_rel = first.path, first.rel
         self.processor = load_processor(self.base_path, o.load)
+        self.caps = load_run_captions(o, run, text_only=is_text_only(self.processor))
         self.cache, self.vision = EncodeCache(), VisionCache()   # the stages share encodings and (LM-only) image features
         base_model, _ = load(self.base_path, o.load, processor=self.processor)
         self.base = Engine(base_model, self.processor, token_sets=(), encode_cache=self.cache, vision_cache=self.vision)

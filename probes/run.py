@@ -29,7 +29,7 @@ from training.families import CheckpointError
 
 from . import extras as drift_extras
 from . import study, table
-from .batching import EncodeCache
+from .batching import EncodeCache, is_text_only
 from .captions import CaptionDataError, load_captions
 from .cli import add_loading_arguments
 from .decode import MAX_NEW_TOKENS
@@ -143,11 +143,6 @@ def reference_tokenizer(run: RunDir, opts) -> tuple[Path, object] | None:
         except CheckpointError:
             continue
     return None
-
-
-def is_text_only(processor) -> bool:
-    """A text-only LM's processor is its tokenizer (no image processor): it probes caption text alone."""
-    return not hasattr(processor, "image_processor")
 
 
 class ProbeRun(Command):
