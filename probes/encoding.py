@@ -22,7 +22,15 @@ from collections.abc import Sequence
 
 import torch
 
-from training.chat import EncodingError, Example, answer_affixes, continue_extra, encode, prompt_text, tokenizer_of
+from training.chat import (
+    EncodingError,
+    Example,
+    answer_affixes,
+    continue_extra,
+    encode,
+    prompt_text,
+    tokenizer_of,
+)
 
 TEXT_KEYS = ("input_ids", "attention_mask")
 

@@ -83,7 +83,8 @@ def hook_name(layer: int, component: str) -> str:
 
 # -- hooks -----------------------------------------------------------------------------------------
 # (MLP post-norm, attention post-norm) of sandwich-norm layers: Gemma 2/3 and OLMo 2; GLM-4
-SANDWICH = (("post_feedforward_layernorm", "post_attention_layernorm"), ("post_mlp_layernorm", "post_self_attn_layernorm"))
+SANDWICH = (("post_feedforward_layernorm", "post_attention_layernorm"),
+            ("post_mlp_layernorm", "post_self_attn_layernorm"))
 
 
 def write_points(layer: nn.Module) -> dict[str, tuple[nn.Module, torch.Tensor | None]]:
