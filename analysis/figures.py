@@ -73,19 +73,35 @@ def learning_vs_forgetting(an, x: str = "target_overall"):
 
 def heldout_over_sequence(an):
     """The paper's first figure, right: held-out average score after each stage, one line per recipe
-    (mean over runs, band = +- one standard deviation when a recipe has several runs)."""
+    (mean over runs, band = +- one standard deviation when a recipe has several runs). For runs with
+    per-item scores, error bars: the paired-bootstrap 95% interval of the change from the base."""
     c = an.curves
     pal = recipe_palette(c["recipe"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     style = "family" if c["family"].nunique() > 1 else None
     sns.lineplot(data=c, x="stage", y="heldout_mean", hue="recipe", style=style, palette=pal, marker="o",
                  errorbar="sd", ax=ax, hue_order=list(pal))
+    _change_intervals(ax, c, pal)
     _stage_ticks(ax, an)
     ax.set_ylabel("held-out average score (0-100)")
     ax.set_title("Held-out average over the sequence")
     ax.legend(title="recipe", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _change_intervals(ax, curves, pal) -> None:
+    """Error bars at each run's points: the interval of H[s] - H[0] moved onto the score axis (H[0] + CI),
+    drawn about the point (a benchmark aggregated other than as its items' mean shifts it a little)."""
+    if "heldout_change_ci_low" not in curves:
+        return
+    c = curves.dropna(subset=["heldout_change_ci_low", "heldout_change_ci_high"])
+    for (recipe, _), g in c.groupby(["recipe", "run"], sort=False):
+        base = g["heldout_mean"] - g["heldout_change"]
+        low = (g["heldout_mean"] - (base + g["heldout_change_ci_low"])).clip(lower=0)
+        high = (base + g["heldout_change_ci_high"] - g["heldout_mean"]).clip(lower=0)
+        ax.errorbar(g["stage"], g["heldout_mean"], yerr=[low, high], fmt="none", ecolor=pal[recipe], capsize=3,
+                    lw=1)
 
 
 def _without_signatures(table):

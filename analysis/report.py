@@ -20,6 +20,7 @@ from .drift import (
     stage_points,
 )
 from .metrics import RunMetrics
+from .paired import metric_intervals
 from .tables import Run, load_runs
 
 
@@ -27,9 +28,10 @@ from .tables import Run, load_runs
 class Analysis:
     runs: list[Run]
     metrics: dict[str, RunMetrics]       # run label -> its accuracy matrix and metrics
-    metrics_long: pd.DataFrame           # metrics.csv
+    metrics_long: pd.DataFrame           # metrics.csv (+ ci_low, ci_high where a run has items.parquet)
     summary: pd.DataFrame                # one row per run: the headline numbers
-    curves: pd.DataFrame                 # one row per (run, stage): held-out and target means
+    curves: pd.DataFrame                 # one row per (run, stage): held-out and target means (+ the held-out
+                                         # change's interval, heldout_change_ci_low / _high, with items)
     probes: pd.DataFrame                 # one row per (run, stage, probe, mode)
     points: pd.DataFrame                 # one row per (run, stage >= 1, probe, mode): x, y, z
     correlations: pd.DataFrame           # correlations.csv
@@ -68,11 +70,35 @@ def analyze(runs, n_boot: int = 2000, n_perm: int = 2000, seed: int = 0, recover
         correlations=pd.DataFrame(),
         recovery=pd.concat([recovery_table(r, metrics[r.label], recovery_min) for r in runs], ignore_index=True),
         settings={"n_boot": n_boot, "n_perm": n_perm, "seed": seed, "recovery_min": recovery_min})
+    if any(r.items is not None for r in runs):
+        _add_intervals(an, n_boot, seed)
     an.correlations = correlation_table(an.points, n_boot=n_boot, n_perm=n_perm, seed=seed)
     tagged = [forgetting_by_cell(r) for r in runs if r.manifest.get("domains")]
     an.cells = pd.concat(tagged, ignore_index=True) if tagged else pd.DataFrame(columns=CELL_COLUMNS)
     an.summary = _summary(an)
     return an
+
+
+def _add_intervals(an: Analysis, n_boot: int, seed: int) -> None:
+    """Paired-bootstrap intervals (analysis.paired.metric_intervals) as ci_low / ci_high of the metrics.csv
+    rows that compare a stage with the base, and of the held-out change in the curves; NaN elsewhere and
+    for runs without items. Only called when some run has items, so tables of runs without stay as they were."""
+    cis = {}
+    for r in an.runs:
+        if r.items is not None:
+            m = an.metrics[r.label]
+            found = metric_intervals(r.items, m.A.index, m.heldout, m.targets, n_boot, seed)
+            cis.update({(r.label, *k): v for k, v in found.items()})
+    nan = (np.nan, np.nan)
+
+    def key(run, metric, stage, bench):
+        return (run, metric, None if pd.isna(stage) else int(stage), None if pd.isna(bench) else bench)
+    ml = an.metrics_long
+    found = [cis.get(key(*row), nan) for row in ml[["run", "metric", "stage", "benchmark"]].itertuples(index=False)]
+    ml["ci_low"], ml["ci_high"] = [f[0] for f in found], [f[1] for f in found]
+    c = an.curves
+    found = [cis.get((run, "heldout_change", int(s), None), nan) for run, s in zip(c["run"], c["stage"])]
+    c["heldout_change_ci_low"], c["heldout_change_ci_high"] = [f[0] for f in found], [f[1] for f in found]
 
 
 def _summary(an: Analysis) -> pd.DataFrame:

@@ -1,5 +1,5 @@
-"""Reading run directories: run.json (training.manifest), evals.parquet and probes.parquet (probes.schemas),
-checked against the contracts in docs/design.md. Every problem is reported with the file it is in."""
+"""Reading run directories: run.json (training.manifest), evals.parquet, probes.parquet and, where there is
+one, items.parquet (probes.schemas), checked against the contracts in docs/design.md. Every problem is reported with the file it is in."""
 from __future__ import annotations
 
 import glob
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from probes.schemas import EVALS, PROBES, SPLITS, TableError
+from probes.schemas import EVALS, ITEMS, PROBES, SPLITS, TableError
 from training.manifest import STAGE_KEYS, ManifestError, read_full
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +23,7 @@ class Run:
     manifest: dict
     evals: pd.DataFrame
     probes: pd.DataFrame | None
+    items: pd.DataFrame | None = None      # per-item scores (items.parquet), where the run has them
 
     @property
     def recipe(self) -> str:
@@ -92,7 +93,11 @@ def load_run(run_dir: str | Path, probes: bool = True, label: str | None = None)
         probe_table = read_table(probes_path, PROBES.columns)
         probe_table["stage"] = probe_table["stage"].astype(int)
         _check_rows(probe_table, probes_path, ["stage", "probe", "mode"], n_stages)
-    return Run(label or run_dir.name, run_dir, manifest, evals, probe_table)
+    items = None
+    if (run_dir / ITEMS.file).exists():
+        items = read_table(run_dir / ITEMS.file, ITEMS.columns)
+        items["stage"] = items["stage"].astype(int)
+    return Run(label or run_dir.name, run_dir, manifest, evals, probe_table, items)
 
 
 def expand_run_dirs(paths) -> list[Path]:

@@ -120,8 +120,10 @@ def load_benchmarks(opts: EvaluateOptions, run: RunDir) -> list[B.BenchmarkData]
     tasks = B.run_tasks(run.manifest)
     out = []
     presets, profile = run_presets(opts, run.manifest)
-    only_presets = opts.preset and not (opts.benchmarks or local)   # then run.json's benchmarks are not added
-    for b in [] if only_presets else B.resolve(opts.benchmarks, _without(run.manifest, presets), local):
+    rest = _without(run.manifest, presets)
+    # --preset alone: run.json's benchmarks are not added; config presets covering all of them: none are left
+    only_presets = presets and not (opts.benchmarks or local) and (opts.preset or not rest.get("benchmarks"))
+    for b in [] if only_presets else B.resolve(opts.benchmarks, rest, local):
         b = replace(b, split=B.split_of(b, tasks),
                     max_new_tokens=opts.max_new_tokens or b.max_new_tokens or B.DEFAULT_MAX_NEW_TOKENS)
         out.append(B.load(b, opts.limit, strict=opts.strict))
@@ -176,12 +178,6 @@ def save_predictions(root: Path, ck, d: B.BenchmarkData, predictions: dict[int, 
                                 "references": it.references, "score": per_item[i]}, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
-
-
-def items_path(out: Path) -> Path:
-    """RUN/items.parquet beside RUN/evals.parquet; beside another table T.parquet, T.items.parquet."""
-    out = Path(out)
-    return out.with_name("items.parquet" if out.name == "evals.parquet" else f"{out.stem}.items.parquet")
 
 
 def item_rows(run: RunDir, ck, d: B.BenchmarkData, predictions: dict[int, str], per_item: list) -> list[dict]:
@@ -290,7 +286,7 @@ class Evaluate(Command):
         for s in shares:
             preds.update(s)
         score, per_item = score_predictions(d, preds)
-        table.append_items(items_path(self.out), item_rows(self.run, ck, d, preds, per_item))
+        table.append_items(table.items_path(self.out), item_rows(self.run, ck, d, preds, per_item))
         if self.opts.save_predictions:
             save_predictions(self.run.root, ck, d, preds, per_item)
         return [row_for(self.run, ck, d, score)]

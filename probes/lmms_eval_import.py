@@ -13,6 +13,16 @@ the first numeric metric), scaled to 0-100 (fractions x 100: every value of a ta
 --scale TASK=FACTOR), split "target" when the task names a task of run.json (or is given in
 --target), else "heldout". Rows already in evals.parquet for other (stage, benchmark) pairs are kept; the
 table is written through probes.table.append_evals (atomic, under the lock probes.evaluate uses).
+
+Per item: where lmms-eval ran with `--log_samples`, it wrote beside DATE_results.json one
+DATE_samples_TASK.jsonl per task, a line per document: doc_id, target, filtered_resps (the answer after
+the task's filters; `resps` too when they differ), doc_hash, and the values process_results returned per
+metric (a number; MMStar a dict with its "score"; SEED-Bench a dict with "pred" and "answer", scored as
+its aggregation scores them, 1 where they are equal). Those become rows of RUN/items.parquet
+(schemas.ITEMS: item_id = doc_id, prediction = the filtered answer, score = the primary metric's value,
+scaled like the task's row to 0-1, metric as in the evals row); a line that carries a "filter" key counts
+only under the primary metric's filter. A task without a samples file adds no items (paired statistics
+then skip it); a samples file that cannot be read is an error naming it.
 """
 from __future__ import annotations
 
@@ -25,9 +35,10 @@ from pathlib import Path
 import pandas as pd
 
 from training.manifest import ManifestError, names_task, read_full
+from training.records import BadLine, DataError, read_records
 
-from .schemas import EVALS, TableError
-from .table import append_evals
+from .schemas import EVALS, ITEMS, TableError
+from .table import append_evals, append_items, items_path
 
 # Primary metric of the lmms-eval tasks the study's held-out set uses (all reported as fractions).
 PRIMARY_METRIC = {
@@ -36,6 +47,9 @@ PRIMARY_METRIC = {
     "realworldqa": "exact_match,flexible-extract", "seedbench": "seed_image,none",
     "scienceqa_img": "exact_match,none", "mmstar": "average,none", "textvqa_val": "exact_match,none",
     "pope": "pope_accuracy,none", "gqa": "exact_match,none", "mmmu_val": "mmmu_acc,none",
+    # the fork's target tasks (LMM_CL's lmms-eval 0.3), primaries as probes.presets scores them
+    "cub200": "acc,none", "pixmocount": "pixmocount_accuracy,none", "pathvqa": "pathvqa_exact_match,none",
+    "timeclock": "both_accuracy,none", "pixmo_count": "acc,none",
 }
 SKIP_KEYS = {"alias", "samples", "name", "sample_len", "sample_count"}
 
@@ -93,6 +107,76 @@ def read_results(path: Path, metric_override: dict[str, str], only: set[str] | N
     return out
 
 
+# -- per-sample logs -------------------------------------------------------------------------------
+def samples_file(results: Path, task: str) -> Path | None:
+    """DATE_samples_TASK.jsonl beside DATE_results.json, else the newest *_samples_TASK.jsonl there."""
+    date = results.name.removesuffix("_results.json")
+    exact = results.with_name(f"{date}_samples_{task}.jsonl")
+    if exact.is_file():
+        return exact
+    found = sorted(results.parent.glob(f"*_samples_{task}.jsonl"), key=lambda p: (p.stat().st_mtime, str(p)))
+    return found[-1] if found else None
+
+
+def sample_value(sample: dict, metric: str, where: str) -> float | None:
+    """The per-item value of `metric` in one logged sample (see the module docstring); None: not counted."""
+    value = sample.get(metric)
+    if isinstance(value, dict):
+        if "score" in value:                                  # MMStar
+            value = value["score"]
+        elif "pred" in value and "answer" in value:           # SEED-Bench
+            value = float(value["pred"] == value["answer"])
+        else:
+            value = value.get(metric)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    raise ResultsError(f"{where}: metric {metric!r} is {value!r}, not a number")
+
+
+def _answer(sample: dict) -> str:
+    """The filtered answer (lists of one answer per request unwrapped), else the raw response."""
+    value = sample.get("filtered_resps", sample.get("resps"))
+    while isinstance(value, list) and value:
+        value = value[0]
+    return "" if value is None or value == [] else str(value)
+
+
+def read_samples(path: Path, key: str) -> list[tuple[str, str, float | None]]:
+    """(item_id, prediction, value) per document of one samples file, for the metric key "name,filter"."""
+    metric, _, filt = key.partition(",")
+    try:
+        lines = read_records(path)
+    except DataError as e:
+        raise ResultsError(str(e)) from None
+    by_doc: dict[str, tuple[str, str, float | None]] = {}
+    for n, sample in enumerate(lines, 1):
+        where = f"{path} sample {n}"
+        if isinstance(sample, BadLine) or not isinstance(sample, dict) or "doc_id" not in sample:
+            raise ResultsError(f"{where}: " + (sample.reason if isinstance(sample, BadLine)
+                                               else "not an lmms-eval sample (no doc_id)"))
+        if "filter" in sample and filt and sample["filter"] != filt:
+            continue
+        item = (str(sample["doc_id"]), _answer(sample), sample_value(sample, metric, where))
+        if by_doc.setdefault(item[0], item)[2] != item[2]:
+            # the same document logged under several filters, none named: which one scores is unknown
+            raise ResultsError(f"{where}: doc_id {item[0]} is logged twice with different {metric!r} values")
+    return list(by_doc.values())
+
+
+def item_rows(run: str, stage: int, bench: str, key: str, factor: float, path: Path) -> list[dict]:
+    """items.parquet rows of one stage's samples file, scored 0-1 as the task's evals row is scaled."""
+    rows = []
+    for item_id, prediction, value in read_samples(path, key):
+        score = None if value is None else value * factor / 100.0
+        if score is not None and not 0.0 <= score <= 1.0:
+            raise ResultsError(f"{path}: doc_id {item_id} {key} = {value} is not a 0-1 or 0-100 score")
+        rows.append({"run": run, "stage": stage, "benchmark": bench, "item_id": item_id,
+                     "prediction": prediction, "score": score, "metric": key.split(",")[0]})
+    return rows
+
+
 def resolve_stage(stages: list[dict], name: str, source: str) -> dict:
     for s in stages:
         if name in (str(s["index"]), s["name"], s["path"]):
@@ -105,6 +189,14 @@ def import_results(run_dir: Path, results: dict[str, Path], target: list[str] | 
                    task_map: dict[str, str] | None = None, metric: dict[str, str] | None = None,
                    scale: dict[str, float] | None = None, only: set[str] | None = None) -> pd.DataFrame:
     """evals.parquet rows for the given stage -> results path pairs (see the module docstring)."""
+    return import_all(run_dir, results, target, task_map, metric, scale, only)[0]
+
+
+def import_all(run_dir: Path, results: dict[str, Path], target: list[str] | None = None,
+               task_map: dict[str, str] | None = None, metric: dict[str, str] | None = None,
+               scale: dict[str, float] | None = None, only: set[str] | None = None
+               ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(evals rows, items rows): import_results plus the per-sample logs where lmms-eval wrote them."""
     run_dir = Path(run_dir)
     manifest = read_full(run_dir)
     stages = manifest["stages"]
@@ -118,7 +210,7 @@ def import_results(run_dir: Path, results: dict[str, Path], target: list[str] | 
             raw.append((st, task, key, value, n, source))
     if not raw:
         raise ResultsError(f"{run_dir}: no lmms-eval results to import")
-    rows = []
+    rows, items = [], []
     by_task = pd.DataFrame([(r[1], r[3]) for r in raw], columns=["task", "value"]).groupby("task")["value"]
     for st, task, key, value, n, source in raw:
         if task in scale:
@@ -135,13 +227,15 @@ def import_results(run_dir: Path, results: dict[str, Path], target: list[str] | 
                      "recipe": manifest["recipe"], "checkpoint": st["path"], "benchmark": bench,
                      "split": "target" if is_target else "heldout", "metric": key.split(",")[0], "score": score,
                      "n": n})
+        if (samples := samples_file(source, task)) is not None:
+            items += item_rows(run_dir.name, int(st["index"]), bench, key, factor, samples)
     table = pd.DataFrame(rows, columns=list(EVALS.columns))
     table["n"] = table["n"].astype("Int64")
     dup = table[table.duplicated(["stage", "benchmark"], keep=False)]
     if len(dup):
         raise ResultsError(f"{run_dir}: stage/benchmark pairs given twice: "
                                   f"{sorted(set(zip(dup.stage, dup.benchmark)))}")
-    return table
+    return table, pd.DataFrame(items, columns=list(ITEMS.columns))
 
 
 def _pairs(items, what: str, cast=str) -> dict:
@@ -179,19 +273,22 @@ def main(argv=None) -> int:
             results = {d.name: d for d in sorted(folder.iterdir()) if d.is_dir() and d.name in names}
             if not results:
                 raise ResultsError(f"{folder}: no sub-folder is named after a stage of {run_dir / 'run.json'}")
-        table = import_results(run_dir, results, target=args.target, task_map=_pairs(args.task_map, "--task-map"),
+        table, items = import_all(run_dir, results, target=args.target, task_map=_pairs(args.task_map, "--task-map"),
                                metric=_pairs(args.metric, "--metric"), scale=_pairs(args.scale, "--scale", float),
                                only=set(args.only) if args.only else None)
         out = Path(args.out or run_dir / "evals.parquet")
         # new rows replace those of the same (stage, benchmark); written atomically under the table's lock,
         # the one probes.evaluate appends under, so an import during an evaluation loses neither's rows
+        if len(items):   # items first, as probes.evaluate writes them: an evals row always has its items
+            append_items(items_path(out), items.to_dict("records"))
         merged = append_evals(out, table.to_dict("records"))
     except (TableError, ManifestError) as e:
         print(f"lmms_eval_import: {e}", file=sys.stderr)
         return 2
     print(table.pivot(index="stage", columns="benchmark", values="score").round(1).to_string())
     print(f"imported {len(table)} rows ({table.benchmark.nunique()} benchmarks, {table.stage.nunique()} stages) "
-          f"into {out} ({len(merged)} rows)")
+          f"into {out} ({len(merged)} rows)"
+          + (f"; {len(items)} items from per-sample logs into {items_path(out)}" if len(items) else ""))
     return 0
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from training.manifest import SPLITS
 
-__all__ = ["EVALS", "ITEMS", "LAYERS", "MONITOR", "PROBES", "SPLITS", "Schema", "TableError"]
+__all__ = ["ADVICE", "EVALS", "ITEMS", "LAYERS", "MONITOR", "PROBES", "SPLITS", "Schema", "TableError"]
 
 
 class TableError(ValueError):
@@ -58,3 +58,12 @@ MONITOR = Schema("monitor.parquet", ("run", "stage", "stage_name", "task", "step
                                      "n_samples", "n_positions", "seconds", "lr_scale", "event", "dataset",
                                      "dataset_hash"),
                  key=("stage", "step", "probe"), order=("stage", "step", "probe"), what="monitor table")
+
+# training.advise: DIR/advice.parquet, one row per candidate (docs/advise.md)
+ADVICE = Schema("advice.parquet", ("candidate", "steps", "learning_proxy", "kl_to_base", "number_mass_shift",
+                                   "predicted_heldout_change", "ci_low", "ci_high", "seconds", "rank", "eligible",
+                                   "pareto", "recipe", "task", "loss_before", "loss_after", "signature_mass_shift",
+                                   "kl_to_base_slope", "number_mass_slope", "train_seconds", "forecaster",
+                                   "trial_dir", "target_gain", "target_items"),
+                key=("candidate",), order=("rank",), what="advice table",
+                dtypes={"steps": "int64", "rank": "int64", "target_items": "int64"})

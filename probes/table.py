@@ -159,6 +159,12 @@ def append_evals(path: str | os.PathLike, rows: list[dict]) -> pd.DataFrame:
                        what=EVALS.what)
 
 
+def items_path(evals: str | os.PathLike) -> Path:
+    """RUN/items.parquet beside RUN/evals.parquet; beside another table T.parquet, T.items.parquet."""
+    evals = Path(evals)
+    return evals.with_name("items.parquet" if evals.name == "evals.parquet" else f"{evals.stem}.items.parquet")
+
+
 def append_items(path: str | os.PathLike, rows: list[dict]) -> pd.DataFrame:
     """items.parquet: add per-item rows, replacing those of the same (stage, benchmark, item_id)."""
     return append_rows(path, rows, columns=ITEMS.columns, dtypes=ITEMS.dtypes, key=ITEMS.key, order=ITEMS.order,

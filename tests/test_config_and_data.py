@@ -36,6 +36,10 @@ def test_shipped_configs_load_with_the_right_types(name):
             (5e-6, 2e-6, 1, 0.03, "cosine", 0.0)
         assert t["bf16"] and cfg["save"] == "delta" and 16 <= t["batch_size"] * t["grad_accum"] * 8 <= 32
         assert cfg["tasks"] == TARGETS
+        # only data roots: the prepared targets, and every benchmark of the study from a preset
+        from probes.presets import names
+        assert cfg["data"]["root"] and not cfg["data"]["tasks"]
+        assert sorted(cfg["eval"]["presets"]) == sorted(names()) == sorted(cfg["eval"]["benchmarks"])
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -422,3 +422,14 @@ def test_run_config_presets_are_scored_with_run_benchmarks(tmp_path, stage_model
     df = pd.read_parquet(run / "evals.parquet")
     assert sorted(set(df["benchmark"])) == ["ai2d", "cub200"]
     assert set(df[df.benchmark == "ai2d"]["profile"]) == {"study"} and set(df[df.benchmark == "ai2d"]["n"]) == {3}
+
+
+def test_run_config_presets_covering_every_benchmark_need_no_other(tmp_path, stage_models, monkeypatch, capsys):
+    """The 7-8B configs name every benchmark by a preset: nothing is left to resolve as a LLaVA file."""
+    run = make_run(tmp_path, stage_models, benchmarks=("ai2d",))
+    man = json.loads((run / "run.json").read_text())
+    man["config"]["eval"] = {"presets": {"ai2d": str(_preset_snapshot(tmp_path / "ai2d", 3))}}
+    (run / "run.json").write_text(json.dumps(man))
+    plant(monkeypatch, lambda sample, i: "A")
+    assert main(["--ckpt-dir", str(run)]) == 0, capsys.readouterr().err
+    assert set(pd.read_parquet(run / "evals.parquet")["benchmark"]) == {"ai2d"}

@@ -98,3 +98,66 @@ def test_bad_results_are_named(run, tmp_path):
     with pytest.raises(ResultsError, match="no \"results\" object"):
         import_results(run, {"0": bad})
     assert import_main(["--run-dir", str(run), "--results", f"0={tmp_path / 'missing'}"]) == 2
+
+
+def _sample(doc_id, answer, **metrics):
+    """One --log_samples line shaped like lmms-eval's (resps dropped where they equal filtered_resps)."""
+    return {"doc_id": doc_id, "target": "B", "filtered_resps": [answer], "doc_hash": "h", "prompt_hash": "p",
+            "target_hash": "t", **metrics}
+
+
+def _write_samples(folder, task, samples):
+    with open(folder / f"20250101_000000_samples_{task}.jsonl", "w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+
+
+def test_per_sample_logs_become_items(run):
+    for i, (chart, mm) in enumerate([((1.0, 0.0, 1.0), (1, 1)), ((0.0, 0.0, 1.0), (1, 0)), ((1.0, 1.0, 1.0), (0, 0))]):
+        folder = run / "lmms_eval" / str(i) / "model"
+        folder.mkdir(parents=True)
+        res = _results(sum(chart) / 3, 0.8, 0.5)
+        res["results"]["mmstar"] = {"alias": "mmstar", "average,none": sum(mm) / 2}
+        (folder / "20250101_000000_results.json").write_text(json.dumps(res))
+        _write_samples(folder, "chartqa", [_sample(d, f"a{d}", relaxed_overall=v, relaxed_human_split=0.0)
+                                           for d, v in enumerate(chart)])
+        _write_samples(folder, "mmstar", [_sample(d, "A", average={"question_id": d, "l2_category": "x", "score": v},
+                                                  x={"question_id": d, "l2_category": "x", "score": v})
+                                          for d, v in enumerate(mm)])
+    assert import_main(["--run-dir", str(run), "--only", "chartqa", "mmstar", "docvqa_val"]) == 0
+    items = pd.read_parquet(run / "items.parquet")
+    assert list(items.columns) == ["run", "stage", "benchmark", "item_id", "prediction", "score", "metric"]
+    assert set(items.benchmark) == {"chartqa", "mmstar"}               # docvqa_val has no samples file: no items
+    chart = items[items.benchmark == "chartqa"]
+    assert chart[chart.stage == 1].score.tolist() == [0.0, 0.0, 1.0]
+    assert chart[chart.stage == 0].prediction.tolist() == ["a0", "a1", "a2"]
+    assert set(chart.metric) == {"relaxed_overall"} and set(chart.item_id) == {"0", "1", "2"}
+    mm = items[items.benchmark == "mmstar"].set_index(["stage", "item_id"]).score
+    assert mm[(0, "0")] == 1.0 and mm[(1, "1")] == 0.0
+    # each evals row is the mean of its items
+    ev = pd.read_parquet(run / "evals.parquet").set_index(["stage", "benchmark"]).score
+    means = items.groupby(["stage", "benchmark"]).score.mean() * 100
+    assert means.round(6).to_dict() == ev.loc[means.index].round(6).to_dict()
+
+    from analysis import paired
+    pairs = paired.compare_stages(items)
+    assert {"chartqa", "mmstar"} <= set(pairs.benchmark)
+
+
+def test_sample_values_and_bad_logs_are_named(tmp_path):
+    from probes.lmms_eval_import import read_samples, sample_value
+    assert sample_value({"seed_image": {"pred": "B", "answer": "B", "question_id": 3}}, "seed_image", "x") == 1.0
+    assert sample_value({"seed_image": {"pred": "C", "answer": "B"}}, "seed_image", "x") == 0.0
+    assert sample_value({"anls": float("nan")}, "anls", "x") is None
+    p = tmp_path / "s.jsonl"
+    p.write_text(json.dumps({"doc_id": 0, "filtered_resps": [["yes"]], "resps": [["Yes."]], "exact_match": True,
+                             "filter": "flexible-extract"}) + "\n"
+                 + json.dumps({"doc_id": 0, "filtered_resps": ["Yes."], "exact_match": 0.0, "filter": "none"}) + "\n")
+    assert read_samples(p, "exact_match,flexible-extract") == [("0", "yes", 1.0)]
+    with pytest.raises(ResultsError, match="doc_id 0 is logged twice"):
+        read_samples(p, "exact_match")
+    p.write_text('{"doc_id": 0, "exact_match": "high"}\n')
+    with pytest.raises(ResultsError, match=r"s.jsonl sample 1: metric 'exact_match' is 'high'"):
+        read_samples(p, "exact_match,none")
+    p.write_text('{"doc_id": 0, "exact_match": 1}\n{truncated\n')
+    with pytest.raises(ResultsError, match="sample 2: malformed JSON"):
+        read_samples(p, "exact_match,none")

@@ -53,3 +53,62 @@ def test_analysis_run_writes_paired_csv_for_runs_with_items(tmp_path):
     assert run_main(["--run-dir", str(run), "--no-probes", "--n-boot", "50"]) == 0
     paired = pd.read_csv(run / "analysis" / "paired.csv")
     assert paired[["benchmark", "stage", "against", "n", "mean_diff"]].values.tolist() == [["h1", 1, "base", 4, -25.0]]
+
+
+def _hand_items(n=200, seed=3):
+    """Per-item 0/1 scores for hand_run's h1, h2 and count whose means are that run's scores / 100."""
+    from tests.synthetic import hand_run  # noqa: F401  (the run these items belong to)
+    scores = {"h1": [60, 40, 50, 58], "h2": [40, 30, 42, 44], "count": [10, 70, 50, 60]}
+    rng = np.random.default_rng(seed)
+    frames = []
+    for bench, by_stage in scores.items():
+        order = rng.permutation(n)
+        stages = {s: (order < round(v * n / 100)).astype(float) for s, v in enumerate(by_stage)}
+        frames.append(_items("hand", bench, stages))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_mean_change_interval_is_paired_difference_for_one_benchmark_and_bounds_a_planted_drop():
+    from analysis.paired import mean_change_interval, metric_intervals
+    items = _hand_items()
+    one = paired_difference(items[(items.benchmark == "h1") & (items.stage == 0)].score,
+                            items[(items.benchmark == "h1") & (items.stage == 1)].score, n_boot=500, seed=4)
+    assert mean_change_interval(items, ["h1"], 1, 0, n_boot=500, seed=4) == (one["ci_low"], one["ci_high"])
+    low, high = mean_change_interval(items, ["h1", "h2"], 1, 0, n_boot=500)
+    assert low < -15 < high < 0                                   # H[1] - H[0] = (-20 - 10) / 2 = -15
+    assert np.isnan(mean_change_interval(items, ["h1", "nope"], 1, 0)[0])   # a benchmark without items
+    cis = metric_intervals(items, [0, 1, 2, 3], ["h1", "h2"], {"count": 1, "clock": 3}, n_boot=200)
+    assert cis[("heldout_change_final", None, None)] == cis[("heldout_change", 3, None)]
+    assert cis[("target_learning", 1, "count")][0] > 0 and np.isnan(cis[("target_learning", 3, "clock")][0])
+
+
+def test_metrics_and_heldout_figure_show_intervals_only_for_runs_with_items(tmp_path):
+    from matplotlib.container import ErrorbarContainer
+
+    from analysis import analyze
+    from analysis.figures import close, heldout_over_sequence
+    from tests.synthetic import hand_run
+
+    run = hand_run(tmp_path)
+    plain = analyze([run], probes=False, n_boot=100)
+    assert "ci_low" not in plain.metrics_long and "heldout_change_ci_low" not in plain.curves
+    fig = heldout_over_sequence(plain)
+    assert not [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    close(fig)
+
+    _hand_items().to_parquet(run / "items.parquet")
+    an = analyze([run], probes=False, n_boot=100)
+    ml = an.metrics_long
+    assert list(ml.columns[:len(plain.metrics_long.columns)]) == list(plain.metrics_long.columns)
+    pd.testing.assert_frame_equal(ml[plain.metrics_long.columns], plain.metrics_long)   # nothing else moves
+    change = ml[ml.metric == "heldout_change"].set_index("stage")
+    assert np.isnan(change.loc[0, "ci_low"]) and change.loc[1, "ci_low"] < change.loc[1, "value"] < change.loc[1, "ci_high"]
+    learn = ml[(ml.metric == "target_learning") & (ml.benchmark == "count")].iloc[0]
+    assert learn.ci_low < 60 < learn.ci_high and ml[ml.metric == "accuracy"].ci_low.isna().all()
+    fig = heldout_over_sequence(an)
+    bars = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    segments = bars[0].lines[2][0].get_segments() if len(bars) == 1 else []
+    H = an.curves.set_index("stage").heldout_mean
+    assert [seg[0][0] for seg in segments] == [1, 2, 3]                      # a bar per stage after the base
+    assert all(seg[0][1] <= H[int(seg[0][0])] <= seg[1][1] for seg in segments)
+    close(fig)

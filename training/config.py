@@ -66,6 +66,8 @@ SCHEMA: dict[str, Key] = {
     "train.gradient_checkpointing": Key(bool, True, doc="applies on GPU only"),
     "train.log_every": Key(int, 1, min=1, doc="write a train_log.jsonl line every N optimizer steps"),
     "train.progress": Key(bool, True, doc="tqdm progress bars"),
+    "train.log_with": Key(str, None, True, choices=("tensorboard", "wandb"),
+                          doc="also send loss, LR and the monitor's values to TensorBoard / W&B (training.trackers)"),
     # The drift monitor (training/monitor.py): probes of the model being trained, into RUN/monitor.parquet.
     "monitor.every": Key(int, 0, min=0, doc="probe the model every N optimizer steps (and at each stage's start and "
                          "end); 0: off"),

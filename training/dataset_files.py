@@ -18,7 +18,8 @@ Rows come out as dicts as `datasets` yields them: an image column (`{bytes, path
 Image feature) or a list of them (Sequence(Image), SEED-Bench's frames) becomes PIL images, opened
 lazily (PIL reads the header now, the pixels on first use; a struct without bytes is read from its path,
 relative to the dataset folder); a null image stays None; other columns are plain Python values (TSV
-fields are strings).
+fields are strings). With `decode_images=False` images come out as their encoded bytes instead (checked
+to open all the same), for callers that copy them to files unchanged (training.prepare).
 
 Bad rows (an image that does not open, a TSV line with the wrong number of fields) are never silent:
 they are skipped, counted and named in `Rows.bad` (and a warning when iteration ends), or with
@@ -158,8 +159,8 @@ def image_columns(schema: pa.Schema) -> tuple[set[str], set[str]]:
     return single, lists
 
 
-def open_image(value, root: Path | None = None) -> Image.Image | None:
-    """A `{bytes, path}` struct (or raw bytes) as a lazily opened PIL image; None stays None."""
+def image_bytes(value, root: Path | None = None) -> bytes | None:
+    """The encoded image of a `{bytes, path}` struct (or raw bytes); a path is relative to `root`."""
     if value is None:
         return None
     data = value.get("bytes") if isinstance(value, dict) else value
@@ -169,7 +170,21 @@ def open_image(value, root: Path | None = None) -> Image.Image | None:
         data = file.read_bytes()  # read now: a lazily opened file handle per row would run out of handles
     if data is None:
         raise ValueError("image struct has neither bytes nor a path")
-    return Image.open(io.BytesIO(data))
+    return bytes(data)
+
+
+def open_image(value, root: Path | None = None) -> Image.Image | None:
+    """A `{bytes, path}` struct (or raw bytes) as a lazily opened PIL image; None stays None."""
+    data = image_bytes(value, root)
+    return None if data is None else Image.open(io.BytesIO(data))
+
+
+def checked_bytes(value, root: Path | None = None) -> bytes | None:
+    """image_bytes, after PIL has checked that they open (so a bad image is a bad row either way)."""
+    data = image_bytes(value, root)
+    if data is not None:
+        Image.open(io.BytesIO(data)).verify()
+    return data
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -177,10 +192,11 @@ class Rows:
     """Iterator over the rows of (config, split) under `path`; bad rows skipped into `.bad` (see module doc)."""
 
     def __init__(self, path: str | Path, config: str | None = None, split: str | None = None,
-                 strict: bool = False):
+                 strict: bool = False, decode_images: bool = True):
         self.path = Path(path)
         self.files = find_files(self.path, config, split)   # a wrong layout fails here, before any model runs
         self.strict = strict
+        self.image = open_image if decode_images else checked_bytes
         self.bad: list[BadRow] = []
         self._rows = self._all_rows()
 
@@ -197,7 +213,7 @@ class Rows:
     def _all_rows(self) -> Iterator[dict]:
         for file in self.files:
             reader = _tsv_rows if file.suffix == ".tsv" else _table_rows
-            yield from reader(file, self._skip)
+            yield from reader(file, self._skip, self.image)
         if self.bad:
             named = "; ".join(str(b) for b in self.bad[:_NAMED_BAD])
             more = f" (and {len(self.bad) - _NAMED_BAD} more)" if len(self.bad) > _NAMED_BAD else ""
@@ -211,8 +227,8 @@ class Rows:
 
 
 def read_rows(path: str | Path, config: str | None = None, split: str | None = None,
-              strict: bool = False) -> Rows:
-    return Rows(path, config, split, strict)
+              strict: bool = False, decode_images: bool = True) -> Rows:
+    return Rows(path, config, split, strict, decode_images)
 
 
 def _batches(file: Path) -> Iterator[pa.RecordBatch]:
@@ -229,16 +245,16 @@ def _batches(file: Path) -> Iterator[pa.RecordBatch]:
     yield from reader
 
 
-def _table_rows(file: Path, skip) -> Iterator[dict]:
+def _table_rows(file: Path, skip, image) -> Iterator[dict]:
     row = 0
     for batch in _batches(file):
         single, lists = image_columns(batch.schema)
         for record in batch.to_pylist():
             try:
                 for col in single:
-                    record[col] = open_image(record[col], file.parent)
+                    record[col] = image(record[col], file.parent)
                 for col in lists:
-                    record[col] = None if record[col] is None else [open_image(v, file.parent) for v in record[col]]
+                    record[col] = None if record[col] is None else [image(v, file.parent) for v in record[col]]
             except (OSError, ValueError, UnidentifiedImageError) as e:
                 skip(file, row, f"image does not open ({e})")
             else:
@@ -246,7 +262,7 @@ def _table_rows(file: Path, skip) -> Iterator[dict]:
             row += 1
 
 
-def _tsv_rows(file: Path, skip) -> Iterator[dict]:
+def _tsv_rows(file: Path, skip, image) -> Iterator[dict]:
     csv.field_size_limit(sys.maxsize)  # base64 images are far longer than csv's default field limit
     with open(file, newline="", encoding="utf-8") as f:
         records = list(csv.DictReader(f, delimiter="\t"))
@@ -257,17 +273,17 @@ def _tsv_rows(file: Path, skip) -> Iterator[dict]:
             continue
         if "image" in record:
             try:
-                record["image"] = _tsv_image(record["image"], by_index)
+                record["image"] = image(_tsv_image(record["image"], by_index))
             except (OSError, ValueError, binascii.Error, UnidentifiedImageError) as e:
                 skip(file, row, f"image does not open ({e})")
                 continue
         yield record
 
 
-def _tsv_image(field: str, by_index: dict) -> Image.Image:
+def _tsv_image(field: str, by_index: dict) -> bytes:
     if len(field) <= _TSV_IMAGE_REF_LEN:
         shared = by_index.get(field)
         if shared is None or len(shared) <= _TSV_IMAGE_REF_LEN:
             raise ValueError(f"image field {field!r} is neither base64 nor the index of a row with an image")
         field = shared
-    return Image.open(io.BytesIO(base64.b64decode(field, validate=True)))
+    return base64.b64decode(field, validate=True)

@@ -57,14 +57,21 @@ def settings(train_cfg: dict) -> dict:
     return defaults()["train"] | train_cfg
 
 
-def make_accelerator(train_cfg: dict, cpu: bool | None = None):
-    """The Accelerator of a run: bf16 only where there is a GPU and the config asks for it."""
+def make_accelerator(train_cfg: dict, cpu: bool | None = None, project_dir=None):
+    """The Accelerator of a run: bf16 only where there is a GPU and the config asks for it; with
+    `train.log_with`, its trackers write under `project_dir` (training.trackers)."""
     from accelerate import Accelerator
+
+    from .trackers import require
 
     cfg = settings(train_cfg)
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    tracking = {}
+    if cfg["log_with"]:
+        require(cfg["log_with"])
+        tracking = {"log_with": cfg["log_with"], "project_dir": str(project_dir)}
     return Accelerator(cpu=cpu, mixed_precision="bf16" if cfg["bf16"] and not cpu else "no",
-                       gradient_accumulation_steps=int(cfg["grad_accum"]))
+                       gradient_accumulation_steps=int(cfg["grad_accum"]), **tracking)
 
 
 class StageHooks:

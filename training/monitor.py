@@ -65,9 +65,11 @@ class DriftMonitor(StageHooks):
     """Built by `create`; its probe's reference (and stage 0's values) is made at the first check, when stage 0
     exists."""
 
-    def __init__(self, cfg: dict, out: Path, stages: list[dict], probe: Probe, table, *, main: bool = True):
+    def __init__(self, cfg: dict, out: Path, stages: list[dict], probe: Probe, table, *, main: bool = True,
+                 on_values: Callable[[int, int, dict], None] | None = None):
         self.cfg, self.out, self.main, self.run_name = cfg["monitor"], Path(out), main, Path(out).name
         self.table = table                      # the table's schema (probes.schemas.MONITOR)
+        self.on_values = on_values              # (stage, step, values) of every check: training.trackers' curves
         self.path = self.out / table.file
         self.stages, self.probe = stages, probe
         self.base_values = None
@@ -136,6 +138,8 @@ class DriftMonitor(StageHooks):
         self.last_step = step
         self._add(self.stage["index"], self.stage["name"], self.stage["task"], step, values, seconds, self.lr_scale,
                   event)
+        if self.on_values is not None:
+            self.on_values(self.stage["index"], step, values)
         return values
 
     def on_step(self, step: int, model, optimizer, scheduler) -> bool:
@@ -189,10 +193,11 @@ def _agree(flag: bool) -> bool:
     return bool(box[0])
 
 
-def create(cfg: dict, plan, out: Path, accelerator, make_probe: Callable[[dict], Probe], table) -> DriftMonitor | None:
+def create(cfg: dict, plan, out: Path, accelerator, make_probe: Callable[[dict], Probe], table,
+           on_values: Callable[[int, int, dict], None] | None = None) -> DriftMonitor | None:
     """The run's monitor, or None when `monitor.every` is 0. Checks what it can before stage 0 is written;
     `make_probe(captions)` gives the probe of the run's caption set ({"path", "images"}); `table` is the monitor
-    table's schema (probes.schemas.MONITOR)."""
+    table's schema (probes.schemas.MONITOR); `on_values` sees every check's values."""
     m = cfg["monitor"]
     if not m["every"]:
         return None
@@ -210,4 +215,4 @@ def create(cfg: dict, plan, out: Path, accelerator, make_probe: Callable[[dict],
     if m["probe"] not in probe.probe_names:
         raise MonitorError(f"monitor.probe {m['probe']!r} is not among the monitor's probes "
                            f"({', '.join(sorted(probe.probe_names))})")
-    return DriftMonitor(cfg, out, plan.stages, probe, table, main=accelerator.is_main_process)
+    return DriftMonitor(cfg, out, plan.stages, probe, table, main=accelerator.is_main_process, on_values=on_values)

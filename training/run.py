@@ -27,6 +27,7 @@ import json
 import re
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,10 +37,11 @@ from probes.schemas import MONITOR
 
 from . import checkpoints
 from .chat import tokenizer_of
-from .config import ConfigError, apply, describe, load_config, resolve_path
+from .config import SCHEMA, ConfigError, apply, describe, load_config, resolve_path
 from .data import Collator, DataError, benchmark_names, load_records, resolve_root, resolve_task
 from .domains import run_domains
 from .families import CheckpointError
+from .loop import StageHooks
 from .manifest import ManifestError, data_files, library_versions, path_of
 from .manifest import load as load_manifest
 from .manifest import write as write_manifest
@@ -49,10 +51,11 @@ from .methods import label as recipe_label
 from .mixing import PREVIOUS, pool_names, stage_dataset
 from .recipes import RecipeError, model_skeleton, resolve_spec
 from .records import caption_set
+from .trackers import Curves, steps_before
 
 TRAIN_LOG = "train_log.jsonl"
 # Keys that do not change the weights a run produces: a resumed run may change them.
-COSMETIC = ("out", "train.progress", "train.log_every", "data.num_workers")
+COSMETIC = ("out", "train.progress", "train.log_every", "train.log_with", "data.num_workers")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -80,6 +83,12 @@ def stage_dirname(index: int, name: str) -> str:
     return f"stage-{index:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}"
 
 
+def _new_default(key: str, old: dict, new: dict) -> bool:
+    """A key added to the schema after the old run was written, at its default: the same setup (so runs of
+    an earlier version of the toolkit resume)."""
+    return key not in old and key in SCHEMA and new.get(key) == SCHEMA[key].default
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -88,6 +97,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def run_dir(cfg: dict, config_name: str) -> Path:
+    """The run directory: `out`, else runs/CONFIG-RECIPE."""
+    return Path(cfg["out"] or Path("runs") / f"{config_name}-{re.sub(r'[^A-Za-z0-9_.+-]+', '_', recipe_label(cfg))}")
 
 
 class Plan:
@@ -114,7 +128,7 @@ class Plan:
         self.mix_tasks = {t.name: t for t in self.tasks} | {n: resolve_task(n, cfg["data"], self.root) for n in extra}
         for t in self.mix_tasks.values():  # malformed data fails now, with the file and record named
             load_records(t.train, cfg["data"]["max_examples"])
-        self.out = Path(cfg["out"] or Path("runs") / f"{config_name}-{re.sub(r'[^A-Za-z0-9_.+-]+', '_', self.label)}")
+        self.out = run_dir(cfg, config_name)
         self.stages = [{"index": 0, "name": "base", "task": None, "path": stage_dirname(0, "base")}] + [
             {"index": i, "name": t, "task": t, "path": stage_dirname(i, t)} for i, t in enumerate(cfg["tasks"], 1)]
 
@@ -153,7 +167,7 @@ class Plan:
         diffs = [k for k in ("family", "recipe", "base", "tasks") if old.get(k) != new[k]]
         a, b = _flat(old.get("config", {})), _flat(self.cfg)
         diffs += [f"config {k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                  if k not in COSMETIC and a.get(k) != b.get(k)]
+                  if k not in COSMETIC and a.get(k) != b.get(k) and not _new_default(k, a, b)]
         if diffs:
             raise RunError(f"{self.out} holds a run with a different setup ({'; '.join(diffs)[:500]}); "
                            "use another --out, or remove that directory to start over")
@@ -168,8 +182,8 @@ class Plan:
 class TrainLog:
     """RUN/train_log.jsonl; restarting stage k drops whatever an interrupted stage k had written."""
 
-    def __init__(self, path: Path, keep_before: int, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, keep_before: int, enabled: bool, curves: Curves | None = None):
+        self.path, self.enabled, self.curves = path, enabled, curves
         if enabled and path.is_file():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("stage", 0) < keep_before]
@@ -179,6 +193,8 @@ class TrainLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.curves is not None:
+                self.curves.train(record)
 
 
 def monitor_probe(cfg: dict, plan: Plan, out: Path, captions: dict, processor, opts: checkpoints.LoadOptions):
@@ -189,13 +205,16 @@ def monitor_probe(cfg: dict, plan: Plan, out: Path, captions: dict, processor, o
                         {t.name: t.train for t in plan.tasks}, opts)
 
 
-def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
+def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trust_remote_code: bool = False,
+        hooks: Sequence[StageHooks] = ()) -> Path:
     """Run (or resume) the whole sequence; returns the run directory. The base is read from safetensors, with
-    no code of its own, unless `allow_pickle` (torch.load with weights_only) / `trust_remote_code`."""
+    no code of its own, unless `allow_pickle` (torch.load with weights_only) / `trust_remote_code`. `hooks`
+    see every stage after the drift monitor (training.advise stops its short trials with one)."""
     from .loop import full_state_dict, make_accelerator, train_stage
     from .monitor import create as create_monitor
 
-    accelerator = make_accelerator(cfg["train"])
+    accelerator = make_accelerator(cfg["train"], project_dir=run_dir(cfg, config_name) if cfg["train"]["log_with"]
+                                   else None)
     with accelerator.main_process_first():  # rank 0 builds the world / base model if needed, the others reuse it
         plan = Plan(cfg, config_name)
     method = plan.method
@@ -220,9 +239,11 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
     pad_id = tokenizer_of(processor).pad_token_id
     if pad_id is None:
         raise RunError(f"{plan.base}: the tokenizer has no pad token")
+    curves = Curves(accelerator, out, cfg) if cfg["train"]["log_with"] else None   # TensorBoard / W&B
     # monitor.every; its probe is built at the first check; its table's schema comes from probes (the writers' schemas)
     monitor = create_monitor(cfg, plan, out, accelerator, lambda captions: monitor_probe(
-        cfg, plan, out, captions, processor, replace(opts, device=accelerator.device)), MONITOR)
+        cfg, plan, out, captions, processor, replace(opts, device=accelerator.device)), MONITOR,
+        on_values=curves.monitor if curves else None)
 
     if done == 0:
         stage0 = out / plan.stages[0]["path"]
@@ -238,7 +259,9 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
     train_cfg = method.train_config(cfg["train"])
     for stage in plan.stages[done:]:
         k, task = stage["index"], plan.tasks[stage["index"] - 1]
-        log = TrainLog(out / TRAIN_LOG, keep_before=k, enabled=main)
+        log = TrainLog(out / TRAIN_LOG, keep_before=k, enabled=main, curves=curves)
+        if curves:
+            curves.stage(k, steps_before(out / TRAIN_LOG, k))
         ctx = StageContext(index=k, task=task.name, prev=out / plan.stages[k - 1]["path"], path=out / stage["path"],
                            run_dir=out, stage0=out / plan.stages[0]["path"], base=plan.base, family=plan.family,
                            processor=processor, save=cfg["save"], accelerator=accelerator)
@@ -247,7 +270,7 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
                                        stage=k, max_examples=cfg["data"]["max_examples"])
         method.begin_stage(model, ctx)
         result = train_stage(model, dataset, Collator(plan.family, pad_id), train_cfg, seed=cfg["seed"], stage=k,
-                             method=method, hooks=[monitor] if monitor else [], accelerator=accelerator,
+                             method=method, hooks=([monitor] if monitor else []) + list(hooks), accelerator=accelerator,
                              num_workers=cfg["data"]["num_workers"],
                              log=lambda r, k=k, t=task.name, w=log.write: w({"stage": k, "task": t, **r}),
                              desc=f"stage {k}/{len(plan.tasks)} {task.name}")
@@ -268,6 +291,8 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
         method.end_stage()
         del model, result, state
         accelerator.free_memory()
+    if curves:
+        curves.close()
     return out
 
 
