@@ -63,10 +63,14 @@ def figure(table: pd.DataFrame, measure: str = "logit_l2"):
         raise TableError(f"no {measure} rows for stages >= 1 in the layer tables")
     recipes = list(recipe_palette(t["recipe"]))
     fig, axes = plt.subplots(1, len(recipes), figsize=(4.0 * len(recipes) + 0.5, 3.4), squeeze=False, sharey=True)
-    style = {"attn": ("tab:blue", "o", "self-attention out"), "mlp": ("tab:red", "s", "MLP out (write-back)")}
+    style = {"attn": ("tab:blue", "o", "self-attention out"), "mlp": ("tab:red", "s", "MLP out (write-back)"),
+             "xattn": ("tab:purple", "^", "cross-attention out"),
+             "linear_attn": ("tab:green", "D", "linear attention out")}
     for ax, recipe in zip(axes[0], recipes):
         g = t[t["recipe"] == recipe]
         for comp, (colour, marker, label) in style.items():
+            if comp not in ("attn", "mlp") and not (g["component"] == comp).any():
+                continue      # the kinds only some models have (Mllama, Qwen3.5)
             c = g[g["component"] == comp]
             for _, s in c.groupby(["run", "stage"]):
                 s = s.sort_values("layer")

@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from training.chat import EncodingError, collate
+from training.chat import EncodingError, collate, tokenizer_of
 
 from .captions import CaptionDataError, Sample
 from .encoding import Encoder
@@ -51,9 +51,15 @@ class EncodeCache:
         return self.encoders[key]
 
 
+def is_text_only(processor) -> bool:
+    """A text-only LM's processor is its tokenizer (no image processor): it probes the instruction and caption
+    text alone, and needs no images."""
+    return not hasattr(processor, "image_processor")
+
+
 def processor_key(processor) -> str:
     """What makes two processors encode alike: vocabulary, chat template, image processor settings."""
-    tok = processor.tokenizer
+    tok = tokenizer_of(processor)
     parts = [vocab_fingerprint(tok), str(getattr(processor, "chat_template", None) or tok.chat_template),
              processor.image_processor.to_json_string() if hasattr(processor, "image_processor") else "",
              type(processor).__name__]
@@ -73,7 +79,7 @@ def default_workers(device: torch.device) -> int:
 def estimate_lengths(processor, samples: Sequence[Sample], with_answer: bool) -> list[int]:
     """Token counts for sorting: text tokens plus image tokens from the image header (the processor's
     own count where it has one), without decoding any image."""
-    tok = processor.tokenizer
+    tok = tokenizer_of(processor)
     texts = [s.instruction + (" " + (s.caption or "") if with_answer else "") for s in samples]
     text_len = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
     sizes = [s.image_size() for s in samples]
@@ -115,6 +121,7 @@ class Batcher:
         self.cache, self.proc_key = encode_cache, proc_key
         self.encoder = encode_cache.encoder(processor, proc_key) if encode_cache is not None else Encoder(processor)
         self.prefetch, self.workers, self.pin = prefetch, workers, pin
+        self.text_only = is_text_only(processor)
 
     def _key(self, sample: Sample, with_answer: bool):
         return (self.proc_key, sample.id, sample.image_ref, sample.instruction,
@@ -132,8 +139,8 @@ class Batcher:
             else:
                 todo.append(j)
         if todo:
-            items = [(samples[j].open_image(), samples[j].instruction, samples[j].caption if with_answer else None)
-                     for j in todo]
+            items = [(None if self.text_only else samples[j].open_image(), samples[j].instruction,
+                      samples[j].caption if with_answer else None) for j in todo]
             try:
                 exs = self.encoder.encode_many(items)
             except EncodingError:        # find and name the sample

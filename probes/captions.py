@@ -66,18 +66,20 @@ def subset_hash(samples: list[Sample]) -> str:
 
 def load_captions(path: str | os.PathLike, images: str | os.PathLike | None = None,
                   num_samples: int | None = None, sample: str = "first", seed: int = 0,
-                  strict: bool = True) -> CaptionSet:
+                  strict: bool = True, text_only: bool = False) -> CaptionSet:
     """Read, select and validate a caption set.
 
     num_samples None: the first DEFAULT_NUM_SAMPLES (or all, if fewer). An explicit number larger than the
     set is an error. `sample` is "first" (the study's choice) or "random" (seeded, without replacement).
     Images resolve under `images` (default: the caption file's folder). Only the records examined are parsed.
     strict: the selected records must all be good; else bad records are skipped (see the module docstring).
+    text_only (for text-only LMs): images are neither needed nor read; samples carry none, and the hash is the
+    one the same records have with their images (it records image paths, not pixels).
     """
     path = Path(path)
     root = Path(images) if images is not None else (path if path.is_dir() else path.parent)
     where = str(path)
-    if not root.is_dir():
+    if not root.is_dir() and not text_only:
         raise CaptionDataError(f"{root}: images root does not exist (captions {path})")
     records = read_records(path)
     if not records:
@@ -95,6 +97,9 @@ def load_captions(path: str | os.PathLike, images: str | os.PathLike | None = No
         rid, instruction, caption, field = caption_fields(records[i], i, where)
         if rid in seen:
             raise CaptionDataError(f"{where}: record id {rid!r} appears twice among the selected records")
+        if text_only:
+            seen.add(rid)
+            return Sample(rid, instruction, caption, None, image_ref(field))
         s = Sample(rid, instruction, caption, resolve_image(field, root, rid, where), image_ref(field))
         try:
             s.open_image()      # decodes it: an unreadable image is found now, not inside a checkpoint's run

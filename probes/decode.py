@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from training.chat import answer_affixes
+from training.chat import answer_affixes, tokenizer_of
 
 from .captions import Sample
 from .stats import SampleAccumulator
@@ -36,7 +36,7 @@ def stop_token_ids(model: nn.Module, processor) -> set[int]:
     ids: set[int] = set()
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update([eos] if isinstance(eos, int) else list(eos or []))
-    tok = processor.tokenizer
+    tok = tokenizer_of(processor)
     if tok.eos_token_id is not None:
         ids.add(tok.eos_token_id)
     try:
@@ -65,6 +65,11 @@ def _decode_batch(eng, samples, idx, batch: dict, image_keys, max_new_tokens: in
     hidden = fwd(samples, idx, batch, image_keys, position_ids=pos, past_key_values=cache, use_cache=True)
     last = torch.full((B,), T - 1, device=device) if padding_side == "left" else mask.long().sum(-1) - 1
     h = hidden[torch.arange(B, device=device), last]
+    # per-token masks with more axes (Mllama's cross_attention_mask): each new token sees what the prompt's
+    # last token saw, as `chat.continue_extra` extends them for answers
+    step_masks = {k: v[torch.arange(B, device=device), last][:, None] for k, v in batch.items()
+                  if k.endswith("_mask") and k != "attention_mask" and torch.is_tensor(v) and v.dim() > 2
+                  and v.shape[:2] == (B, T)}
     rows = torch.arange(B, device=device)   # active batch rows (finished rows leave)
     out_ids = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=device)
     acc = SampleAccumulator(eng.probe_names, B, device) if stats else None
@@ -86,12 +91,13 @@ def _decode_batch(eng, samples, idx, batch: dict, image_keys, max_new_tokens: in
                 break
             cache.batch_select_indices(keep)
             mask, nxt, tok, rows = mask[keep], nxt[keep], tok[keep], rows[keep]
+            step_masks = {k: v[keep] for k, v in step_masks.items()}
         mask = torch.cat([mask, mask.new_ones(rows.numel(), 1)], dim=1)
         step_pos = (nxt + step)[:, None]
         if pos.dim() == 3:
             step_pos = step_pos[None].expand(3, -1, -1)
         h = fwd.base(input_ids=tok[:, None], attention_mask=mask, position_ids=step_pos,
-                     past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                     past_key_values=cache, use_cache=True, **step_masks).last_hidden_state[:, -1]
     eng.stop_on_nonfinite(bad.nonzero()[:, 0], idx, samples, "generation")
     return out_ids, acc.result() if stats else [{}] * B
 

@@ -22,7 +22,15 @@ from collections.abc import Sequence
 
 import torch
 
-from training.chat import EncodingError, Example, answer_affixes, encode, prompt_text
+from training.chat import (
+    EncodingError,
+    Example,
+    answer_affixes,
+    continue_extra,
+    encode,
+    prompt_text,
+    tokenizer_of,
+)
 
 TEXT_KEYS = ("input_ids", "attention_mask")
 
@@ -49,7 +57,7 @@ class Encoder:
 
     def __init__(self, processor):
         self.processor = processor
-        self.tok = processor.tokenizer
+        self.tok = tokenizer_of(processor)
         self.fast = True                 # False once the image-only call disagreed with the full call
         self._lock = threading.Lock()
         self._prompts: dict[tuple[str, bool], str] = {}
@@ -180,7 +188,7 @@ def _with_answer(ex: Example, p_ids: list[int], a_ids: list[int], f_ids: list[in
     answer_ids = torch.tensor(a_ids[len(p_ids):], dtype=ids.dtype)
     eot_ids = torch.tensor(f_ids[len(a_ids):], dtype=ids.dtype)
     tail = len(answer_ids) + len(eot_ids)
-    extras = {k: torch.cat([v, v.new_zeros(tail)]) for k, v in ex.token_type_ids.items()}
+    extras = {k: torch.cat([v, continue_extra(v, tail)]) for k, v in ex.token_type_ids.items()}
     return Example(torch.cat([ids, answer_ids, eot_ids]), ex.prompt_len, len(answer_ids), len(eot_ids),
                    ex.image_inputs, extras)
 

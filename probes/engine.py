@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from training.chat import tokenizer_of
 from training.families import family_of_model
 
 from . import decode
@@ -57,7 +58,7 @@ class Engine:
                  prefetch: int | None = None, workers: int | None = None, compile: bool = False,
                  counter: Counter | None = None):
         self.model, self.processor = model.eval(), processor
-        self.tokenizer = processor.tokenizer
+        self.tokenizer = tokenizer_of(processor)
         self.family = family_of_model(model)
         proc_key = processor_key(processor) if (encode_cache or vision_cache) is not None else None
         self.forward = Forward(model, self.family, vision_cache=vision_cache, proc_key=proc_key)

@@ -17,6 +17,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.chat import tokenizer_of
 from training.checkpoints import LoadOptions, load, load_processor
 from training.families import CheckpointError
 
@@ -104,7 +105,7 @@ class Extras:
         """The base reference: the base (with the run's processor) over this rank's share of the teacher-forced
         plan, its hidden states cached, then the model released when they all fit (only its head stays)."""
         own = load_processor(self.base_path, opts)
-        if vocab_fingerprint(own.tokenizer) != vocab_fingerprint(processor.tokenizer):
+        if vocab_fingerprint(tokenizer_of(own)) != vocab_fingerprint(tokenizer_of(processor)):
             raise CheckpointError(f"{self.base_path}: the base's tokenizer differs from the run's; KL over "
                                   "different vocabularies is not defined")
         model, _ = load(self.base_path, opts, processor=processor)

@@ -25,6 +25,20 @@ from .vision_cache import VisionCache, vision_fingerprint
 _EMBEDS_PATH_OK: dict[tuple, bool] = {}
 
 
+def embeds_path_unsupported(model: nn.Module) -> str | None:
+    """Why image features cannot be placed into the input embeddings for this model (None: they can). The
+    cache scatters `get_image_features` outputs into the image-token positions; models that read images by
+    cross-attention (Mllama) have no image tokens to fill. A model whose forward does more than the scatter
+    (Qwen3-VL's deepstack, Gemma 3's bidirectional image attention) is caught by `_check_embeds_path`."""
+    if getattr(model.config, "image_token_id", None) is None:
+        return "no image-token id in its config"
+    if not hasattr(model.base_model, "get_image_features"):
+        return "images enter by cross-attention, not as input embeddings" \
+            if any("CrossAttention" in type(m).__name__ for m in model.modules()) \
+            else "its base model has no get_image_features"
+    return None
+
+
 def caption_positions(answer_mask: torch.Tensor) -> torch.Tensor:
     """The positions whose next token is a caption (answer) token: position t predicts token t+1."""
     predicts = torch.zeros_like(answer_mask)
@@ -45,8 +59,13 @@ class Forward:
         self.vision_cache, self.proc_key = vision_cache, proc_key
         self.image_token_id = getattr(model.config, "image_token_id", None)
         self.vision_fp = None            # None: the model's own path
-        if vision_cache is not None and self.image_token_id is not None:
-            self.vision_fp = vision_fingerprint(model, family)
+        if vision_cache is not None and family.vision is not None:
+            why = embeds_path_unsupported(model)
+            if why is None:
+                self.vision_fp = vision_fingerprint(model, family)
+            else:
+                warnings.warn(f"{model.config.model_type}: the vision cache is off ({why}); image features "
+                              "are computed by the model's own forward", stacklevel=3)
 
     def to_device(self, batch: dict) -> dict:
         out = {}
@@ -125,8 +144,10 @@ class Forward:
             ok = ref.shape == got.shape and bool((ref - got).abs().max() <= tol * ref.abs().max().clamp(min=1))
             _EMBEDS_PATH_OK[key] = ok
             if not ok:
-                warnings.warn(f"{key[0]}: precomputed image features do not reproduce the model's forward with "
-                              "this transformers version; the vision cache is off for it", stacklevel=4)
+                warnings.warn(f"{key[0]}: the vision cache is off (its forward does more with images than place "
+                              "their features into the input embeddings, e.g. deepstack features or bidirectional "
+                              "image attention, or this transformers version differs); features are computed by "
+                              "the model's own forward", stacklevel=4)
         return _EMBEDS_PATH_OK[key]
 
     def __call__(self, samples, idx, batch: dict, image_keys: list[str], position_ids=None,

@@ -9,12 +9,19 @@ tokens (teacher-forced, as the number-token probe), projected through the base's
 
 Hook points (forward hooks, TransformerLens-style stable names):
     blocks.{i}.attn_out   output of layers[i].self_attn (after o_proj, before the residual add)
-    blocks.{i}.mlp_out    output of layers[i].mlp (after down_proj: the write-back)
+    blocks.{i}.mlp_out    output of layers[i].mlp (after down_proj: the write-back; an MoE block is the mlp)
+    blocks.{i}.xattn_out  output of a cross-attention block (Mllama), times tanh of its gate
+    blocks.{i}.linear_attn_out  output of a linear-attention / sequence-mixer block (Qwen3.5's Gated DeltaNet)
     ln_final.input        the residual stream entering the final norm (for its scale)
+Blocks are found by `training.families.discover.layer_blocks` (component = attn, xattn, linear_attn, mlp; each
+layer has the ones it has). With sandwich norms (Gemma 2/3, OLMo 2, GLM-4) a block's write is its post-norm's
+output. The writes must add up (first layer's input + every write = the final norm's input: checked on the
+base's first batch), so a layer layout these rules misread stops with an error instead of wrong numbers.
 
 Both models run on the same batch through the engine's forward (`probes.forward`: the caption positions, the
 vision cache shared by the stages); at each position p, D = out_checkpoint - out_base (a d-vector). The final
-RMSNorm is linearised at the base (the direct-logit-attribution convention, with the base's cached scale):
+RMSNorm (gain = weight, or 1 + weight for zero-centred norms) is linearised at the base (the direct-logit-
+attribution convention, with the base's cached scale):
     u = gamma_base * D / rms_base(x_final(p)),   rms(x) = sqrt(mean(x^2) + eps)
 and dL = W_U u is the logit-space change (W_U the base's output projection; a bias cancels). Measures:
     logit_l2        || dL - mean_v dL ||_2 = sqrt(u^T G u), G = W^T W - V wbar wbar^T (the L2 norm of the
@@ -29,7 +36,7 @@ probes.parquet (mean, sample std, 95% t interval). Since the change of a compone
 change of its input, a layer whose weights did not change still has a non-zero attribution after the
 first changed layer; before it, and for a checkpoint identical to the base, it is exactly 0.
 
-Columns: run, stage, stage_name, task, recipe, checkpoint, base, layer, component (attn|mlp), hook,
+Columns: run, stage, stage_name, task, recipe, checkpoint, base, layer, component (attn|xattn|linear_attn|mlp), hook,
 measure, mean, std, ci_low, ci_high, n_samples, n_positions, dataset, dataset_hash; one row per
 (stage, layer, component, measure). One process (no torchrun); a rerun skips stages already written (the
 driver: probes.sweep).
@@ -48,11 +55,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from training.chat import tokenizer_of
 from training.checkpoints import load, load_processor
 from training.families import CheckpointError, family_of_model
+from training.families.discover import BLOCKS, layer_blocks
 
 from . import table
-from .batching import EncodeCache
+from .batching import EncodeCache, is_text_only
 from .cli import add_loading_arguments
 from .drift import DriftError
 from .engine import Engine
@@ -64,7 +73,6 @@ from .tokensets import token_set, vocab_fingerprint
 from .vision_cache import VisionCache
 from .vocab import Chunk, Head, LogSumExp, reduce_vocab
 
-COMPONENTS = {"attn": "self_attn", "mlp": "mlp"}
 MEASURES = ("logit_l2", "number_logit", "number_logmass", "resid_l2")
 COLUMNS, DTYPES, KEY = LAYERS.columns, LAYERS.dtypes, LAYERS.key    # the table's schema (probes.schemas)
 
@@ -74,32 +82,63 @@ def hook_name(layer: int, component: str) -> str:
 
 
 # -- hooks -----------------------------------------------------------------------------------------
+# (MLP post-norm, attention post-norm) of sandwich-norm layers: Gemma 2/3 and OLMo 2; GLM-4
+SANDWICH = (("post_feedforward_layernorm", "post_attention_layernorm"),
+            ("post_mlp_layernorm", "post_self_attn_layernorm"))
+
+
+def write_points(layer: nn.Module) -> dict[str, tuple[nn.Module, torch.Tensor | None]]:
+    """{component: (module whose output the layer adds to the residual stream, scalar gate or None)} of one
+    decoder layer. Components are its blocks (`training.families.discover.layer_blocks`: attn, xattn,
+    linear_attn, mlp; an MoE block is the mlp). With sandwich norms (SANDWICH) the write is the block's
+    post-norm output; Mllama's cross-attention layers multiply each block's output by tanh of a learnt gate
+    (`cross_attn_attn_gate`, `cross_attn_mlp_gate`)."""
+    post = next(({"mlp": m, "attn": a} for m, a in SANDWICH if hasattr(layer, m)), {})
+    gated = "xattn" in layer_blocks(layer)
+    points = {}
+    for comp, child in layer_blocks(layer).items():
+        norm = post.get(comp, "")
+        module = getattr(layer, norm) if hasattr(layer, norm) else getattr(layer, child)
+        gate = getattr(layer, f"cross_attn_{'mlp' if comp == 'mlp' else 'attn'}_gate", None) if gated else None
+        points[comp] = (module, gate)
+    return points
+
+
 class Taps:
-    """Forward hooks on the LM decoder layers' self-attention and MLP outputs and the final norm's input,
-    keeping only the rows selected by `mask` (B x T, bool)."""
+    """Forward hooks on what each LM decoder layer's blocks write into the residual stream (`write_points`)
+    and on the final norm's input, keeping only the rows selected by `mask` (B x T, bool)."""
 
     def __init__(self, model: nn.Module, family):
+        if family.final_norm is None:
+            raise CheckpointError(f"{model.config.model_type}: no final norm found; the write-back attribution "
+                                  "linearises it")
         layers = model.get_submodule(family.layers)
-        self.points = {hook_name(i, c): getattr(layer, attr) for i, layer in enumerate(layers)
-                       for c, attr in COMPONENTS.items()}
+        self.points = {hook_name(i, c): point for i, layer in enumerate(layers)
+                       for c, point in write_points(layer).items()}
         self.final_norm = model.get_submodule(family.final_norm)
+        self.first_layer = layers[0]
         self.n_layers = len(layers)
+        self.model_type, self.dtype = model.config.model_type, model.get_output_embeddings().weight.dtype
         self.rows: dict[str, torch.Tensor] = {}
 
     @contextlib.contextmanager
     def capture(self, mask: torch.Tensor):
         self.rows = {}
 
-        def keep(name, t):
+        def keep(name, t, gate):
             if name in self.rows:
                 raise RuntimeError(f"hook {name} fired twice in one forward")
-            self.rows[name] = t[mask].float()
+            t = t[mask].float()
+            self.rows[name] = t if gate is None else t * torch.tanh(gate.float())
 
-        handles = [m.register_forward_hook(lambda mod, args, out, n=n: keep(n, out[0] if isinstance(out, tuple)
-                                                                            else out))
-                   for n, m in self.points.items()]
+        handles = [m.register_forward_hook(lambda mod, args, out, n=n, g=g: keep(n, out[0] if isinstance(out, tuple)
+                                                                                else out, g))
+                   for n, (m, g) in self.points.items()]
         handles.append(self.final_norm.register_forward_pre_hook(
-            lambda mod, args, kwargs: keep("ln_final.input", args[0] if args else kwargs["hidden_states"]),
+            lambda mod, args, kwargs: keep("ln_final.input", args[0] if args else kwargs["hidden_states"], None),
+            with_kwargs=True))
+        handles.append(self.first_layer.register_forward_pre_hook(
+            lambda mod, args, kwargs: keep("resid_pre", args[0] if args else kwargs["hidden_states"], None),
             with_kwargs=True))
         try:
             yield self.rows
@@ -107,6 +146,16 @@ class Taps:
             for h in handles:
                 h.remove()
 
+
+    def check_writes(self) -> None:
+        """The captured writes add up to the residual stream (see the module docstring); else stop."""
+        r = self.rows
+        total = r["resid_pre"] + sum(v for k, v in r.items() if k.startswith("blocks."))
+        ref = r["ln_final.input"]
+        err = float((total - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+        if err > (1e-3 if self.dtype == torch.float32 else 5e-2):
+            raise CheckpointError(f"{self.model_type}: the blocks' outputs do not add up to the residual stream "
+                                  f"(relative error {err:.2g}); probes.layers cannot read this layer layout")
 
 # -- the base's readout ----------------------------------------------------------------------------
 class ExpectedRow:
@@ -125,6 +174,21 @@ class ExpectedRow:
         return {"expected_w": self.acc / lse[0].s[:, None]}
 
 
+def rms_gain(norm: nn.Module, eps: float) -> torch.Tensor:
+    """The per-channel gain gamma of an RMSNorm, y = gamma * x / rms(x), read from the norm itself: its weight,
+    or 1 + weight for the zero-centred norms (Gemma, Qwen3.5). A norm that is not of this form stops."""
+    w = norm.weight.detach()
+    x = torch.linspace(-1.0, 2.0, w.numel(), device=w.device, dtype=torch.float64)[None]
+    with torch.no_grad():
+        y = norm(x.to(w.dtype)).double()
+    rms = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    for gamma in (w.double(), 1 + w.double()):
+        if torch.allclose(y, gamma * x * rms, rtol=1e-2, atol=1e-3):
+            return gamma
+    raise CheckpointError(f"final norm {type(norm).__name__} is not an RMSNorm (weight or 1 + weight); its "
+                          "linearisation is not implemented")
+
+
 class Readout:
     """The base's final norm and unembedding, linearised (see the module docstring)."""
 
@@ -135,7 +199,7 @@ class Readout:
         if getattr(norm, "weight", None) is None or eps is None:
             raise CheckpointError(f"final norm {type(norm).__name__} is not an RMSNorm with weight and epsilon; "
                                   "its linearisation is not implemented")
-        self.gamma, self.eps = norm.weight.detach().double(), float(eps)
+        self.gamma, self.eps = rms_gain(norm, float(eps)), float(eps)
         W = model.get_output_embeddings().weight.detach()
         self.W, self.chunk_elems = W, chunk_elems
         V, d = W.shape
@@ -191,6 +255,8 @@ def attribute(base: Engine, ck: Engine, readout: Readout, samples, batches: list
         hb, seg = base.forward.caption_rows(samples, idx, batch, keys, hooks=tb.capture)
         ck.forward.caption_rows(samples, idx, batch, keys, hooks=tc.capture)
         rb, rc = tb.rows, tc.rows
+        if not out:
+            tb.check_writes()
         scale = readout.scale(rb["ln_final.input"])
         lm_dir = readout.logmass_dir(hb)
         values = {}
@@ -268,7 +334,6 @@ class Layers(Command):
     def setup(self, run, out, procs) -> None:
         super().setup(run, out, procs)
         o = self.opts
-        self.caps = load_run_captions(o, run)
         read_layers(out)                          # a foreign file stops here, before any model
         if o.base:
             self.base_path, self.base_rel = Path(o.base), str(Path(o.base).resolve())
@@ -278,18 +343,19 @@ class Layers(Command):
                 raise DriftError(f"{run.root}: no stage 0 to serve as the base; pass --base PATH")
             self.base_path, self.base_rel = first.path, first.rel
         self.processor = load_processor(self.base_path, o.load)
+        self.caps = load_run_captions(o, run, text_only=is_text_only(self.processor))
         self.cache, self.vision = EncodeCache(), VisionCache()   # the stages share encodings and (LM-only) image features
         base_model, _ = load(self.base_path, o.load, processor=self.processor)
         self.base = Engine(base_model, self.processor, token_sets=(), encode_cache=self.cache, vision_cache=self.vision)
-        self.readout = Readout(base_model, token_set(self.processor.tokenizer, "number"))
-        self.n_layers = Taps(base_model, self.base.family).n_layers
+        self.readout = Readout(base_model, token_set(tokenizer_of(self.processor), "number"))
+        self.n_points = len(Taps(base_model, self.base.family).points)
         self.batches = self.base.plan(self.caps.samples, o.batch_size, True)
 
     def plan(self, checkpoints, out):
         df = read_layers(out)
         plan = []
         for ck in checkpoints:
-            done, clash = _done(df, ck, self.base_rel, self.n_layers, self.caps.hash)
+            done, clash = _done(df, ck, self.base_rel, self.n_points, self.caps.hash)
             if done:
                 plan.append(([], None))
             elif len(clash) and not self.opts.replace:
@@ -311,7 +377,7 @@ class Layers(Command):
 
     def open(self, ck) -> Engine:
         own = load_processor(ck.path, self.opts.load)
-        if vocab_fingerprint(own.tokenizer) != vocab_fingerprint(self.processor.tokenizer):
+        if vocab_fingerprint(tokenizer_of(own)) != vocab_fingerprint(tokenizer_of(self.processor)):
             raise CheckpointError(f"{ck.path}: its tokenizer differs from the base's")
         model, _ = load(ck.path, self.opts.load, processor=self.processor)
         return Engine(model, self.processor, token_sets=(), encode_cache=self.cache, vision_cache=self.vision)
@@ -330,29 +396,37 @@ class Layers(Command):
         print_summary(self.out, self.run, status, self.caps.hash)
 
 
-def _done(df: pd.DataFrame, ck, base_rel: str, n_layers: int, dataset_hash: str) -> tuple[bool, pd.DataFrame]:
+def _done(df: pd.DataFrame, ck, base_rel: str, n_points: int, dataset_hash: str) -> tuple[bool, pd.DataFrame]:
     if not len(df):
         return False, df
     sel = df[df["stage"] == ck.stage]
     same = sel[(sel["checkpoint"] == ck.rel) & (sel["base"] == base_rel) & (sel["dataset_hash"] == dataset_hash)]
-    return len(same) == n_layers * len(COMPONENTS) * len(MEASURES), sel.drop(same.index)
+    return len(same) == n_points * len(MEASURES), sel.drop(same.index)
 
 
 def main(argv=None) -> int:
     return sweep(Layers(parse_args(argv)))
 
 
+def layer_cell(v: dict[str, float]) -> str:
+    """'attn / mlp'; a layer's other blocks named (Qwen3.5's linear attention, Mllama's cross-attention)."""
+    if set(v) <= {"attn", "mlp"}:
+        return f"{v.get('attn', float('nan')):.3g} / {v.get('mlp', float('nan')):.3g}"
+    short = {"xattn": "xattn ", "linear_attn": "lin "}
+    return " / ".join(f"{short.get(c, '')}{v[c]:.3g}" for c in BLOCKS if c in v)
+
+
 def print_summary(out_path: Path, run, status: dict, dataset_hash: str) -> None:
     df = table.read_table(out_path, COLUMNS, DTYPES, "layer table")
     df = df[(df["dataset_hash"] == dataset_hash) & (df["measure"] == "logit_l2")] if len(df) else df
-    print(f"\n{out_path}: logit_l2 (mean over samples) per layer, attn / mlp")
+    print(f"\n{out_path}: logit_l2 (mean over samples) per layer, attn / mlp (other blocks named: "
+          "xattn = cross-attention, lin = linear attention)")
     lines = []
     for ck in run.checkpoints:
         row = {"stage": ck.stage, "name": ck.stage_name}
         sel = df[df["stage"] == ck.stage] if len(df) else df
         for layer, g in sel.groupby("layer"):
-            v = dict(zip(g["component"], g["mean"]))
-            row[f"L{layer}"] = f"{v.get('attn', float('nan')):.3g} / {v.get('mlp', float('nan')):.3g}"
+            row[f"L{layer}"] = layer_cell(dict(zip(g["component"], g["mean"])))
         row["status"] = status.get(ck.stage, "").splitlines()[0][:80] if status.get(ck.stage) else ""
         lines.append(row)
     with pd.option_context("display.max_columns", None, "display.width", 250):

@@ -36,11 +36,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from training.chat import tokenizer_of
 from training.checkpoints import LoadOptions, load, load_processor
 from training.families import CheckpointError
 
 from . import benchmarks as B
-from .batching import EncodeCache
+from .batching import EncodeCache, is_text_only
 from .captions import CaptionDataError, Sample, load_captions, subset_hash
 from .cli import pick_device
 from .discover import DiscoveryError, discover
@@ -171,9 +172,9 @@ class MonitorProbe:
         values and the seconds of that check. `probe_names` then lists the probes it has (a task whose answers
         over-use no token has no signature)."""
         every_caption = load_captions(self.captions["path"], self.captions.get("images"), num_samples=None,
-                                      sample="first")
+                                      sample="first", text_only=is_text_only(self.processor))
         samples = every_caption.samples[:min(self.settings.captions, len(every_caption.samples))]
-        tok = self.processor.tokenizer
+        tok = tokenizer_of(self.processor)
         vocab = decoded_vocab(tok)
         set_ids = {"number": token_set(tok, "number", vocab)}
         refs = [s.caption for s in every_caption.samples[:SIGNATURE_CAPTIONS]]

@@ -23,12 +23,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from training.chat import tokenizer_of
 from training.checkpoints import LoadOptions, load, load_processor
 from training.families import CheckpointError
 
 from . import extras as drift_extras
 from . import study, table
-from .batching import EncodeCache
+from .batching import EncodeCache, is_text_only
 from .captions import CaptionDataError, load_captions
 from .cli import add_loading_arguments
 from .decode import MAX_NEW_TOKENS
@@ -118,13 +119,16 @@ def parse_args(argv=None) -> RunOptions:
     return RunOptions.from_args(args, token_sets=token_sets, extras=extras)
 
 
-def load_run_captions(opts, run: RunDir):
-    """The caption set of `opts` (captions, images, num_samples, sample, seed, strict), else the one run.json names."""
+def load_run_captions(opts, run: RunDir, text_only: bool = False):
+    """The caption set of `opts` (captions, images, num_samples, sample, seed, strict), else the one run.json
+    names; for a text-only LM (`text_only`) without images (the instruction and caption alone)."""
     if opts.captions:
-        return load_captions(opts.captions, opts.images, opts.num_samples, opts.sample, opts.seed, opts.strict)
+        return load_captions(opts.captions, opts.images, opts.num_samples, opts.sample, opts.seed, opts.strict,
+                             text_only)
     if run.captions:
         images = opts.images or run.captions.get("images")
-        return load_captions(run.captions["path"], images, opts.num_samples, opts.sample, opts.seed, opts.strict)
+        return load_captions(run.captions["path"], images, opts.num_samples, opts.sample, opts.seed, opts.strict,
+                             text_only)
     raise CaptionDataError(f"no caption set: pass --captions PATH (and --images DIR); {run.root} has no run.json "
                            "naming one" if not run.manifest else
                            f"no caption set: pass --captions PATH; {run.root / 'run.json'} names none "
@@ -149,12 +153,12 @@ class ProbeRun(Command):
     def setup(self, run, out, procs) -> None:
         super().setup(run, out, procs)
         o = self.opts
-        self.caps = load_run_captions(o, run)
+        self.reference = reference_tokenizer(run, o)
+        self.caps = load_run_captions(o, run, text_only=self.reference is not None and is_text_only(self.reference[1]))
         self.extras = drift_extras.setup(o.extras, run, self.caps, out, o.load, say=procs.say, write=procs.main)
         self.names = {m: self.extras.names(o.token_sets, m) for m in MODES[o.mode]}   # per mode: drift is tf only
         if o.profile == "study":
             self.names = {"generate": list(study.STATISTICS)}
-        self.reference = reference_tokenizer(run, o)
         self.encode_cache = EncodeCache()        # the checkpoints share a processor: encode each caption once
         self.vision_cache = None if o.no_vision_cache else VisionCache()   # LM-only stages share image features
 
@@ -191,7 +195,7 @@ class ProbeRun(Command):
         """The token sets (of the run's tokenizer) and, for --drift, the base reference."""
         if not units or self.reference is None:      # nothing to do, or every checkpoint fails to load
             return
-        tok = self.reference[1].tokenizer
+        tok = tokenizer_of(self.reference[1])
         vocab = decoded_vocab(tok)
         self.set_ids = {s: token_set(tok, s, vocab) for s in self.opts.token_sets} | self.extras.sig_sets
         if self.extras.drift and any("teacher-forced" in modes for modes in units):
@@ -200,12 +204,12 @@ class ProbeRun(Command):
 
     def open(self, ck) -> Engine:
         processor = load_processor(ck.path, self.opts.load)
-        tok, (ref_path, ref) = processor.tokenizer, self.reference
-        fp, ref_fp = vocab_fingerprint(tok), vocab_fingerprint(ref.tokenizer)   # same id -> token map: same sets
+        tok, (ref_path, ref) = tokenizer_of(processor), self.reference
+        fp, ref_fp = vocab_fingerprint(tok), vocab_fingerprint(tokenizer_of(ref))   # same id -> token map: same sets
         if fp != ref_fp:
             raise CheckpointError(
                 f"{ck.path}: its tokenizer ({len(tok)} tokens, fingerprint {fp}) differs from {ref_path}'s "
-                f"({len(ref.tokenizer)} tokens, {ref_fp}); token-set probes across different vocabularies are not "
+                f"({len(tokenizer_of(ref))} tokens, {ref_fp}); token-set probes across different vocabularies are not "
                 "comparable, so probe it in a run of its own")
         model, processor = load(ck.path, self.opts.load, processor=processor)
         return Engine(model, processor, set_ids=self.set_ids, encode_cache=self.encode_cache,

@@ -77,9 +77,9 @@ def set_name(task: str) -> str:
 def assistant_tokens(processor, texts: list[str]) -> list[list[int]]:
     """Each text's token ids as the chat template's assistant turn (training.chat.encode) would have them,
     without the template's own tokens before the answer."""
-    from training.chat import answer_affixes, prompt_text
+    from training.chat import answer_affixes, prompt_text, tokenizer_of
 
-    tok = processor.tokenizer
+    tok = tokenizer_of(processor)
     head = prompt_text(processor, "x", with_image=False) + answer_affixes(processor)[0]
     h_ids = tok(head, add_special_tokens=False)["input_ids"]
     full = tok([head + t for t in texts], add_special_tokens=False)["input_ids"] if texts else []
@@ -118,7 +118,9 @@ def derive(task: str, answers: list[str], captions: list[str], processor, *, pri
            z_min: float = Z_MIN, min_count: int = MIN_COUNT, top_k: int = TOP_K, source: str = "",
            vocab: list | None = None) -> Signature:
     """The signature of a task from its training answers against the captions (see the module docstring)."""
-    tok = processor.tokenizer
+    from training.chat import tokenizer_of
+
+    tok = tokenizer_of(processor)
     V = len(tok)
     vocab = vocab if vocab is not None else decoded_vocab(tok)
     y_t, y_c = token_counts(processor, answers, V), token_counts(processor, captions, V)
@@ -170,7 +172,9 @@ def task_files(manifest: dict, tasks: list[str] | None = None, files: dict[str, 
 
 def derive_all(manifest: dict, captions: list[str], processor, tasks: list[str] | None = None,
                files: dict[str, str] | None = None, max_records: int | None = None, **kw) -> list[Signature]:
-    vocab = decoded_vocab(processor.tokenizer)
+    from training.chat import tokenizer_of
+
+    vocab = decoded_vocab(tokenizer_of(processor))
     return [derive(t, read_answers(p, max_records), captions, processor, source=str(p), vocab=vocab, **kw)
             for t, p in task_files(manifest, tasks, files).items()]
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from training.chat import collate, encode
+from training.chat import collate, encode, tokenizer_of
 from training.families import family_of_model
 
 from .batching import estimate_lengths
@@ -99,7 +99,7 @@ def study_statistics(model, processor, samples: Sequence[Sample], set_ids: Seque
                      max_new_tokens: int = STUDY_MAX_NEW_TOKENS, progress: bool = False) -> list[dict]:
     """Per sample (in the order given): the script's seven statistics over its greedy generation steps."""
     model.eval()
-    family, tok = family_of_model(model), processor.tokenizer
+    family, tok = family_of_model(model), tokenizer_of(processor)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     head = model.get_output_embeddings().weight
     ids = torch.tensor(sorted(set_ids), dtype=torch.long, device=head.device)

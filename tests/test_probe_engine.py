@@ -21,7 +21,7 @@ from probes.captions import Sample
 from probes.engine import Engine
 from probes.stats import vocab_stats
 from probes.vision_cache import VisionCache
-from training.chat import collate, encode
+from training.chat import collate, continue_extra, encode, tokenizer_of
 from training.families import FAMILIES
 
 from .conftest import FAMILY_NAMES
@@ -64,7 +64,7 @@ def ref_probs(logits, set_ids):
 
 def ref_teacher_forced(model, processor, family, sample, set_ids):
     ex = encode(processor, sample.open_image(), sample.instruction, sample.caption)
-    batch = collate([ex], family, processor.tokenizer.pad_token_id)
+    batch = collate([ex], family, tokenizer_of(processor).pad_token_id)
     batch.pop("eot_mask")
     answer = batch.pop("answer_mask")[0]
     with torch.no_grad():
@@ -82,9 +82,9 @@ def ref_generate(model, processor, family, sample, set_ids, stop_ids, max_new):
     ex = encode(processor, sample.open_image(), sample.instruction)
     ids, tokens, masses, maxes, ents = ex.input_ids.clone(), [], [], [], []
     for _ in range(max_new):
-        extra = {k: torch.cat([v, v.new_zeros(len(ids) - len(v))]) for k, v in ex.token_type_ids.items()}
+        extra = {k: torch.cat([v, continue_extra(v, len(ids) - len(v))]) for k, v in ex.token_type_ids.items()}
         step = type(ex)(ids, ex.prompt_len, 0, 0, ex.image_inputs, extra)
-        batch = collate([step], family, processor.tokenizer.pad_token_id)
+        batch = collate([step], family, tokenizer_of(processor).pad_token_id)
         batch.pop("answer_mask"), batch.pop("eot_mask")
         with torch.no_grad():
             logits = model(**batch).logits[0, -1]

@@ -102,11 +102,11 @@ def encode(processor, image, instruction: str, answer: str | None = None, *, aff
     eot_ids = torch.tensor(f_ids[len(a_ids):], dtype=ids.dtype)
     full = torch.cat([ids, answer_ids, eot_ids])
     tail = len(answer_ids) + len(eot_ids)
-    extras = {k: torch.cat([v, _continue(v, tail)]) for k, v in extras.items()}
+    extras = {k: torch.cat([v, continue_extra(v, tail)]) for k, v in extras.items()}
     return Example(full, n_text, len(answer_ids), len(eot_ids), image_inputs, extras)
 
 
-def _continue(v: torch.Tensor, n: int) -> torch.Tensor:
+def continue_extra(v: torch.Tensor, n: int) -> torch.Tensor:
     """A token-aligned extra for `n` appended text tokens: zeros (a token type), or for a per-token mask
     with more axes (Mllama's cross_attention_mask) the last prompt token's row, so answers see the image."""
     return v.new_zeros(n) if v.dim() == 1 else v[-1:].expand(n, *v.shape[1:])

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Submodule names inside one decoder layer (identical for Qwen2, Qwen2.5-VL text, Llama and Mistral).
@@ -73,14 +74,16 @@ class Family:
         return layer_roles(layer)
 
     def collate_images(self, items: list[dict]) -> dict:
-        """Batch per-example processor image outputs. LLaVA style: pixel_values is (1, patches, C, H, W)
-        with a patch count that depends on the aspect ratio, so pad the patch axis, then concatenate."""
+        """Batch per-example processor image outputs along the first axis. Where the examples differ on
+        another axis, zero-pad it to the largest: LLaVA-NeXT's anyres tile count (pixel_values is
+        (1, patches, C, H, W)), Pixtral's image height and width (the model crops by image_sizes)."""
         out = {}
         for k in items[0]:
             ts = [it[k] for it in items]
-            if k == "pixel_values" and ts[0].dim() == 5:
-                n = max(t.shape[1] for t in ts)
-                ts = [torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1], *t.shape[2:])], 1) for t in ts]
+            if torch.is_tensor(ts[0]) and ts[0].dim() > 1 and len({t.shape[1:] for t in ts}) > 1:
+                n = [max(t.shape[d] for t in ts) for d in range(1, ts[0].dim())]
+                ts = [F.pad(t, [x for d in reversed(range(1, t.dim())) for x in (0, n[d - 1] - t.shape[d])])
+                      for t in ts]
             out[k] = torch.cat(ts, 0)
         return out
 

@@ -173,6 +173,19 @@ def layer_roles(layer: nn.Module) -> dict[str, str]:
     return roles
 
 
+BLOCKS = ("attn", "xattn", "linear_attn", "mlp")   # the blocks that write into the residual stream
+
+
+def layer_blocks(layer: nn.Module) -> dict[str, str]:
+    """{kind: child name} of one decoder layer's blocks, kinds in BLOCKS order (softmax self-attention, cross-
+    attention, linear attention / sequence mixer, MLP or MoE); a layer holds a subset (Qwen3.5: linear_attn or
+    attn; Mllama's cross-attention layers: xattn)."""
+    kinds: dict[str, str] = {}
+    for n, c in layer.named_children():
+        kinds.setdefault(_child_kind(n, c), n)
+    return {k: kinds[k] for k in BLOCKS if k in kinds}
+
+
 def _child_kind(name: str, child: nn.Module) -> str:
     cls = type(child).__name__
     if _is_norm(name, child):  # first: a norm's class may carry the family name (MambaRMSNorm)
