@@ -13,15 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import ConcatDataset, Subset
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from training import run as run_mod
 from training.chat import encode
 from training.checkpoints import is_delta, load_model
 from training.config import load_config
+from training.data import ConversationDataset, TaskFiles
 from training.families import FAMILIES
-from training.loop import make_accelerator, train_stage
+from training.loop import EpochShuffle, LengthGroupedShuffle, example_lengths, make_accelerator, train_stage
 from training.recipes import RECIPES, plan
+from training.records import record_turns
 
 from .llava_fixture import COLOURS, task_records, write_llava_root
 
@@ -205,6 +208,40 @@ def test_loss_falls_within_a_stage(tmp_path, tiny_checkpoints):
     want = [s / 2 if s < 2 else 0.5 * (1 + math.cos(math.pi * (s - 2) / 18)) for s in range(20)]
     assert [r["lr"] for r in log if "loss" in r] == pytest.approx([5e-3 * w for w in want])
     assert [r["vision_lr"] for r in log if "loss" in r] == pytest.approx([5e-4 * w for w in want])
+
+
+def test_length_grouped_order_is_a_seeded_permutation_of_similar_lengths():
+    lengths = [(7 * i) % 23 + 1 for i in range(500)]
+    a = LengthGroupedShuffle(lengths, 8, seed=3, stage=1)
+    first = list(a)
+    assert sorted(first) == list(range(500)) and first == list(LengthGroupedShuffle(lengths, 8, 3, 1))
+    a.set_epoch(1)
+    assert list(a) != first and sorted(a) == list(range(500))
+    plain = [first[i:i + 8] for i in range(0, 500, 8)]
+    shuffled = list(EpochShuffle(500, 3, 1))
+    spread = lambda batches: sum(max(lengths[k] for k in b) - min(lengths[k] for k in b) for b in batches)  # noqa: E731
+    assert spread(plain) < 0.2 * spread([shuffled[i:i + 8] for i in range(0, 500, 8)])
+
+
+def test_group_by_length_trains_on_every_example_and_reads_mixed_data(tmp_path, tiny_checkpoints):
+    """A mixed stage (ConcatDataset of the task and a Subset of the pool) grouped by length: every example once
+    per epoch, lengths are the text tokens, and the loss falls like an ungrouped stage's."""
+    root = write_llava_root(tmp_path / "d", n=32, tasks=["cub200", "pixmocount"], multi_turn_task=None)
+    args = ["tasks=[cub200,pixmocount]", "train.epochs=2", "train.lr=5e-3", "train.batch_size=4",
+            "train.warmup_ratio=0", "mix.share=0.25", "mix.sources=[previous]", "train.group_by_length=true"]
+    out = _run(tmp_path, tiny_checkpoints("qwen2_5_vl"), root, *args)
+    ends = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    ends = [r for r in ends if r.get("event") == "stage_end"]
+    assert [r["examples"] for r in ends] == [64, 2 * (32 + 11)]  # 11 = round(32 * 0.25 / 0.75) drawn
+    processor = AutoProcessor.from_pretrained(tiny_checkpoints("qwen2_5_vl"))
+    data = ConversationDataset.from_task(TaskFiles("cub200", root / "tasks/cub200/train.json", root / "images"),
+                                         processor)
+    lens = example_lengths(ConcatDataset([data, Subset(data, [3, 1])]))
+    instruction, answer = record_turns(data.records[3])[0]
+    assert lens[-2] == len(processor.tokenizer(f"{instruction} {answer}", add_special_tokens=False)["input_ids"])
+    assert len(lens) == len(data) + 2 and lens[-1] == lens[1]
+    with pytest.raises(ValueError, match="group_by_length: list has no lengths"):
+        example_lengths([1, 2])
 
 
 # -- resume after a kill, loading, deltas, the contract ------------------------------------------------

@@ -60,6 +60,8 @@ SCHEMA: dict[str, Key] = {
     "train.batch_size": Key(int, 8, min=1, doc="examples per micro-batch per process"),
     "train.grad_accum": Key(int, 1, min=1, doc="micro-batches per optimizer step"),
     "train.scheduler": Key(str, "cosine", choices=("cosine", "linear", "constant_with_warmup", "constant")),
+    "train.group_by_length": Key(bool, False, doc="micro-batches of examples of similar length (less padding; "
+                                 "a different data order): the world's pretraining"),
     "train.warmup_ratio": Key(float, 0.03, min=0, doc="fraction of the stage's optimizer steps spent warming up"),
     "train.max_grad_norm": Key(float, 1.0, True, min=0, doc="gradient clipping; null disables"),
     "train.bf16": Key(bool, True, doc="bf16 autocast; applies on GPU only"),

@@ -111,6 +111,16 @@ class ConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def lengths(self) -> list[int]:
+        """Text tokens of each example's instruction and answer (what `train.group_by_length` sorts on; an
+        image adds the same number of tokens to every example of a fixed-size world)."""
+        texts = []
+        for i, t in self.index:
+            instruction, answer = record_turns(self.records[i], f"{self.source} record {i}")[t]
+            texts.append(f"{instruction} {answer}")
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+
     def __getitem__(self, k: int):
         i, t = self.index[k]
         r = self.records[i]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from .config import defaults
@@ -50,6 +50,46 @@ class EpochShuffle(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+class LengthGroupedShuffle(EpochShuffle):
+    """`train.group_by_length`: an EpochShuffle whose micro-batches hold examples of similar length, so
+    little of a batch is padding (as transformers' Trainer does it). The epoch's permutation is cut into
+    mega-batches of MEGA micro-batches, each sorted by length and cut into micro-batches, which are then
+    shuffled (short ones last); every index still occurs once per epoch and the order depends only on (seed, stage, epoch)."""
+
+    MEGA = 50
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, stage: int):
+        super().__init__(len(lengths), seed, stage)
+        self.lengths, self.batch_size = list(lengths), batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(seed_for(self.seed, self.stage, self.epoch))
+        perm = torch.randperm(self.n, generator=g).tolist()
+        size = self.MEGA * self.batch_size
+        batches = []
+        for i in range(0, self.n, size):
+            mega = sorted(perm[i:i + size], key=lambda k: -self.lengths[k])  # stable: ties keep their draw
+            batches += [mega[j:j + self.batch_size] for j in range(0, len(mega), self.batch_size)]
+        # the DataLoader cuts this stream every batch_size indices: a short batch must come last
+        full = [b for b in batches if len(b) == self.batch_size]
+        order = torch.randperm(len(full), generator=g).tolist()
+        return iter([k for b in order for k in full[b]] + [k for b in batches if len(b) < self.batch_size for k in b])
+
+
+def example_lengths(dataset: Dataset) -> list[int]:
+    """Per example, the length that `group_by_length` sorts on: the dataset's own `lengths()` (through
+    ConcatDataset and Subset, which training.mixing builds)."""
+    if isinstance(dataset, ConcatDataset):
+        return [n for d in dataset.datasets for n in example_lengths(d)]
+    if isinstance(dataset, Subset):
+        inner = example_lengths(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    if not hasattr(dataset, "lengths"):
+        raise ValueError(f"train.group_by_length: {type(dataset).__name__} has no lengths(); "
+                         "set train.group_by_length=false")
+    return list(dataset.lengths())
 
 
 def settings(train_cfg: dict) -> dict:
@@ -118,8 +158,11 @@ def build_optimizer(applied, cfg: dict) -> torch.optim.Optimizer:
 
 def build_loader(dataset: Dataset, collate_fn: Callable, cfg: dict, seed: int, stage: int,
                  num_workers: int = 0) -> DataLoader:
-    """Micro-batches in an order that depends only on (seed, stage, epoch) (its sampler is an EpochShuffle)."""
-    return DataLoader(dataset, batch_size=int(cfg["batch_size"]), sampler=EpochShuffle(len(dataset), seed, stage),
+    """Micro-batches in an order that depends only on (seed, stage, epoch) (its sampler is an EpochShuffle,
+    length-grouped with `group_by_length`)."""
+    sampler = (LengthGroupedShuffle(example_lengths(dataset), int(cfg["batch_size"]), seed, stage)
+               if cfg.get("group_by_length") else EpochShuffle(len(dataset), seed, stage))
+    return DataLoader(dataset, batch_size=int(cfg["batch_size"]), sampler=sampler,
                       collate_fn=collate_fn, num_workers=num_workers, drop_last=False)
 
 
