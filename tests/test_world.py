@@ -104,7 +104,13 @@ def test_pretraining_is_captions_and_heldout_train_splits_only(world):
     assert sorted(pre, key=key) == sorted(expected, key=key)
     assert not any(r["id"].split("-")[0] in TARGET_TASKS for r in pre)
     warm = read_records(world, info["pretrain_warmup"])
-    assert {r["conversations"][1]["value"] for r in warm} <= set(draw.SHAPES)
+    questions = {"What shape is the object?": set(draw.SHAPES), "What colour is the object?": set(draw.COLOURS)}
+    asked = {q: 0 for q in questions}
+    for r in warm:  # lone objects, asked their shape or their colour (both kinds in every world)
+        q = r["conversations"][0]["value"].split("\n")[1]
+        assert r["conversations"][1]["value"] in questions[q], r
+        asked[q] += 1
+    assert min(asked.values()) >= len(warm) // 4, asked
 
 
 def test_no_test_image_occurs_in_any_train_split_or_the_captions(world):
@@ -341,3 +347,27 @@ def test_cached_base_is_rebuilt_when_its_plan_changes(tiny_base, tmp_path, monke
     edited.write_text(resolve_path("world-pretrain-tiny").read_text() + "# a comment changes nothing\n")
     assert B.plan_fingerprint("qwen2_5_vl", "tiny") == plan
     assert B.plan_fingerprint("qwen2_5_vl", "toy") != B.plan_fingerprint("llava_onevision", "toy")
+
+
+def test_a_base_built_by_two_processes_takes_the_same_steps_as_one(tiny_base, tmp_path, monkeypatch):
+    """The toy plan builds with 2 one-thread processes (PRETRAIN_PROCESSES): the global batch is kept, so the
+    loss of every step is the one-process build's up to float summation order; the number of processes is
+    part of the plan's fingerprint, and a failure names the phase."""
+    from training.run import RunError, run_in_processes
+    from training.world import base as B
+    monkeypatch.setitem(B.PRETRAIN_PROCESSES, "tiny", 2)
+    assert B.plan_fingerprint("qwen2_5_vl", "tiny") != json.loads((tiny_base / B.BASE_JSON).read_text())["plan"]
+    world = Path(json.loads((tiny_base / B.BASE_JSON).read_text())["world"])
+    two = B.pretrain("qwen2_5_vl", "tiny", tmp_path / "two", run_in_processes, world=world, quick_check=False,
+                     overrides=["train.max_steps=6", "train.progress=false"])
+    one = B.pretrain("qwen2_5_vl", "tiny", tmp_path / "one", lambda cfg, name, processes: run_in_processes(cfg, name),
+                     world=world, quick_check=False, overrides=["train.max_steps=6", "train.progress=false"])
+    logs = {k: [json.loads(line) for line in (p / "pretrain_log.jsonl").read_text().splitlines()]
+            for k, p in (("two", two), ("one", one))}
+    steps = {k: [(r["step"], r["tokens"]) for r in v if "loss" in r] for k, v in logs.items()}
+    assert steps["two"] == steps["one"] and len(steps["one"]) == 6
+    assert [r["loss"] for r in logs["two"] if "loss" in r] == pytest.approx(
+        [r["loss"] for r in logs["one"] if "loss" in r], rel=1e-4)
+    with pytest.raises(RunError, match="does not split between 2 processes"):
+        B.pretrain("qwen2_5_vl", "tiny", tmp_path / "odd", run_in_processes, world=world, quick_check=False,
+                   overrides=["train.batch_size=7"])

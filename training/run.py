@@ -72,7 +72,7 @@ def resolve_base(base: str | None) -> Path:
         if len(parts) != 3:
             raise RunError(f"base {base!r}: expected world:FAMILY:SIZE, e.g. world:qwen2_5_vl:toy")
         from .world.base import base_checkpoint  # lazy: the world is heavy and optional
-        return Path(base_checkpoint(parts[1], parts[2], train=run))   # pretrained by this loop
+        return Path(base_checkpoint(parts[1], parts[2], train=run_in_processes))   # pretrained by this loop
     path = Path(base)
     if not checkpoints.is_checkpoint(path):
         raise RunError(f"base {base!r} is not a checkpoint folder (no config.json with *.safetensors, nor a delta)")
@@ -293,6 +293,39 @@ def run(cfg: dict, config_name: str = "run", *, allow_pickle: bool = False, trus
         accelerator.free_memory()
     if curves:
         curves.close()
+    return out
+
+
+def run_in_processes(cfg: dict, config_name: str, processes: int = 1) -> Path:
+    """`run` as `processes` CPU processes of one thread each (DDP through torch.distributed.run), the global
+    batch kept (train.batch_size split between them); in this process when `processes` is 1 or there is a
+    GPU. On a small model this uses a machine's cores better than one process's threads (the world's base
+    build, which passes this function as its `train`: docs/world.md). Returns the run directory."""
+    import os
+    import subprocess
+
+    import yaml
+
+    if processes <= 1 or torch.cuda.is_available():
+        return run(cfg, config_name)
+    batch = int(cfg["train"]["batch_size"])
+    if batch % processes:
+        raise RunError(f"train.batch_size={batch} does not split between {processes} processes")
+    out = run_dir(cfg, config_name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spec = out.parent / f".{out.name}.config" / f"{config_name}.yaml"   # its stem names the config in run.json
+    spec.parent.mkdir(exist_ok=True)
+    spec.write_text(yaml.safe_dump({**cfg, "out": str(out), "train": {**cfg["train"], "batch_size": batch // processes}}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", "training.run", "--config", str(spec)]
+    try:
+        rc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode   # stdout: each rank's run dir
+    finally:
+        shutil.rmtree(spec.parent, ignore_errors=True)
+    if rc != 0:
+        raise RunError(f"{config_name}: training.run over {processes} processes failed (exit {rc}); its output is above")
     return out
 
 

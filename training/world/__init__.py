@@ -4,7 +4,7 @@
     from training.world.base import base_checkpoint
     world = ensure_world()                       # .cache/world/v2 (or $LMM_DRIFT_CACHE/world/vN), built once
     info = load_world(world)                     # world.json: tasks, splits, scorers, chance levels
-    ckpt = base_checkpoint("qwen2_5_vl", "toy", train=training.run.run)   # the pretrained base, built once
+    ckpt = base_checkpoint("qwen2_5_vl", "toy", train=training.run.run_in_processes)   # the pretrained base, built once
 
 Modules: build (the data on disk), registry (TARGET_TASKS, HELDOUT_TASKS, TRANSFER_TASKS, TASKS), tasks /
 scenes / draw (the generators), tokenizers, models (init_checkpoint), base (the pretrained base),

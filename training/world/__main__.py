@@ -39,12 +39,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def show_base(spec: str) -> int:
-    from ..run import run
-    from .base import BASE_JSON, base_checkpoint
+    from ..run import run_in_processes
+    from .base import BASE_JSON, base_checkpoint, documented_range, out_of_range
 
     family, _, size = spec.partition(":")
     try:
-        path = base_checkpoint(family, size or "toy", train=run)
+        path = base_checkpoint(family, size or "toy", train=run_in_processes)
     except (KeyError, ValueError) as e:
         print(f"error: --base {spec!r}: {e}", file=sys.stderr)
         return 2
@@ -55,6 +55,11 @@ def show_base(spec: str) -> int:
         print(f"  {'task':<14s} {'kind':<8s} {'accuracy':>8s} {'chance':>7s}")
         for name, r in check.items():
             print(f"  {name:<14s} {r.get('kind', ''):<8s} {r['accuracy']:8.1f} {r['chance']:7.1f}")
+        if documented_range(family, size or "toy"):
+            bad = out_of_range(check, family, size or "toy")
+            print("  every score within its documented range (docs/world.md)" if not bad else
+                  "  WARNING: outside the documented range (docs/world.md), so this machine's numbers will differ "
+                  "from docs/demo.md's: " + "; ".join(bad))
     return 0
 
 

@@ -5,7 +5,8 @@
     WORLD/captions/lcs558k.json       the caption corpus, LCS-558K format
     WORLD/tasks/NAME/{train,test}.json
     WORLD/tasks/pretrain/train.json   captions + every held-out task's train split, shuffled
-    WORLD/tasks/pretrain_warmup/train.json  single-object "what shape" questions (the base model's warm-up)
+    WORLD/tasks/pretrain_warmup/train.json  single-object "what shape" / "what colour" questions (the base
+                                            model's warm-up)
 
 Record i of a split is drawn from its own generator seeded by (seed, task, split, i), so a bigger world
 extends a smaller one and the same seed gives byte-identical files. No image of any test split occurs in
@@ -27,8 +28,8 @@ from ..records import read_records as read_record_file
 from . import tasks
 from .registry import TASKS
 
-VERSION = 2            # the world's files; 2 added the transfer tasks
-PRETRAIN_VERSION = 1   # what the base model is pretrained on (captions, held-out train splits, warm-up): bump
+VERSION = 3            # the world's files; 2 added the transfer tasks, 3 colour questions in the warm-up
+PRETRAIN_VERSION = 2   # what the base model is pretrained on (captions, held-out train splits, warm-up): bump
                        # when those change, and every cached base model is rebuilt
 WORLD_SIZES: dict[str, dict[str, int]] = {
     # records per split; "tiny" is for tests (generates in about a second)
@@ -114,7 +115,7 @@ def write_world(out: str | os.PathLike, *, size: str | dict = "toy", seed: int =
         splits[name]["test"] = w.split(name, spec.make, "test", n[f"{spec.kind}_test"],
                                        rel_dir=f"{name}/test", id_fmt="{:06d}")
     captions = w.split("captions", tasks.caption, "train", n["captions"], rel_dir="captions", id_fmt="{:09d}")
-    warmup = w.split("pretrain_warmup", tasks.shape_warmup, "train", n["warmup"], rel_dir="pretrain_warmup",
+    warmup = w.split("pretrain_warmup", tasks.object_warmup, "train", n["warmup"], rel_dir="pretrain_warmup",
                      id_fmt="{:06d}")
     for name, spec in TASKS.items():
         if spec.kind != "transfer":  # evaluation only
@@ -141,7 +142,8 @@ def write_world(out: str | os.PathLike, *, size: str | dict = "toy", seed: int =
     _dump(out / "world.json", {
         "version": VERSION, "seed": seed, "size": size if isinstance(size, str) else "custom",
         "image_size": IMAGE_SIZE, "images": "images", "captions": CAPTIONS, "tasks": task_info,
-        "pretrain": PRETRAIN, "pretrain_warmup": PRETRAIN_WARMUP, "n_captions": len(captions), "n_pretrain": len(pretrain),
+        "pretrain": PRETRAIN, "pretrain_warmup": PRETRAIN_WARMUP,
+        "n_captions": len(captions), "n_pretrain": len(pretrain),
         "redrawn_for_disjoint_splits": w.redrawn})
     return out
 
