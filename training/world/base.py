@@ -141,12 +141,14 @@ def _stage_stats(log: Path) -> dict:
 
 def heldout_report(checkpoint: str | os.PathLike, world: str | os.PathLike, limit: int | None = None) -> dict:
     """QUICK CHECK (see quickcheck.py): greedy exact-match accuracy per task vs chance."""
+    from tqdm.auto import tqdm
+
     from .quickcheck import task_accuracy
 
     model, processor = load_model(checkpoint), load_processor(checkpoint)
     info = load_world(world)
     rep = {}
-    for name in HELDOUT_TASKS + TARGET_TASKS + TRANSFER_TASKS:
+    for name in tqdm(HELDOUT_TASKS + TARGET_TASKS + TRANSFER_TASKS, desc="quick check", leave=False):
         rep[name] = {"accuracy": round(task_accuracy(model, processor, world, name, limit=limit), 2),
                      "chance": info["tasks"][name]["chance"], "kind": info["tasks"][name]["kind"]}
     for kind in ("heldout", "target", "transfer"):

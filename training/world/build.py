@@ -71,10 +71,13 @@ def _png(img) -> bytes:
 
 
 class _Writer:
-    def __init__(self, root: Path, seed: int):
+    def __init__(self, root: Path, seed: int, total: int = 0):
+        from tqdm.auto import tqdm
+
         self.root, self.seed = root, seed
         self.test_images: set[str] = set()
         self.redrawn = 0
+        self.bar = tqdm(total=total, desc="world images", unit="img", leave=False, disable=total < 5000)
 
     def split(self, task: str, make, split: str, n: int, *, rel_dir: str, id_fmt: str) -> list[dict]:
         (self.root / "images" / rel_dir).mkdir(parents=True, exist_ok=True)
@@ -95,6 +98,7 @@ class _Writer:
             (self.root / "images" / rel).write_bytes(_png(s.image))
             out.append(_record(f"{task}-{split}-{i:06d}" if task != "captions" else id_fmt.format(i), rel,
                                s.instruction, s.answer))
+            self.bar.update()
         return out
 
 
@@ -109,7 +113,9 @@ def write_world(out: str | os.PathLike, *, size: str | dict = "toy", seed: int =
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: not empty; write the world into a new folder")
     n = _sizes(size)
-    w = _Writer(out, seed)
+    total = n["captions"] + n["warmup"] + sum(n[f"{spec.kind}_test"] + (n[f"{spec.kind}_train"] if spec.kind != "transfer" else 0)
+                                              for spec in TASKS.values())
+    w = _Writer(out, seed, total)
     splits: dict[str, dict[str, list]] = {name: {} for name in TASKS}
     for name, spec in TASKS.items():  # every test split first, so train draws can avoid test images
         splits[name]["test"] = w.split(name, spec.make, "test", n[f"{spec.kind}_test"],
@@ -145,6 +151,7 @@ def write_world(out: str | os.PathLike, *, size: str | dict = "toy", seed: int =
         "pretrain": PRETRAIN, "pretrain_warmup": PRETRAIN_WARMUP,
         "n_captions": len(captions), "n_pretrain": len(pretrain),
         "redrawn_for_disjoint_splits": w.redrawn})
+    w.bar.close()
     return out
 
 
