@@ -32,10 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the toolkit's packages live at the repository root
 # run name -> training.run arguments. The paper's recipes first, then the baselines (docs/baselines.md).
 RECIPES = {name: ["--recipe", name] for name in ["full", "llm", "mlp", "mlp_gate_up", "sa_proj"]}
-BASELINES = {"lora": ["--recipe", "lora"], "lwf": ["--recipe", "lwf"],
-             "sa_proj+hybrid": ["--recipe", "sa_proj", "mix.share=0.25"]}
-MORE = {"wise_ft": ["--recipe", "wise_ft"], "moe": ["--recipe", "moe"],   # only when named in --runs
-        "sa_proj+lowlr": ["--recipe", "sa_proj", "train.lr=3e-5", "tag=lowlr"]}
+# The default runs stop there (the first `make demo` within 15 minutes on 2 cores: docs/demo.md); the
+# other baselines run when named in --runs.
+BASELINES = {"sa_proj+hybrid": ["--recipe", "sa_proj", "mix.share=0.25"]}
+MORE = {"lora": ["--recipe", "lora"], "lwf": ["--recipe", "lwf"], "wise_ft": ["--recipe", "wise_ft"],
+        "moe": ["--recipe", "moe"], "sa_proj+lowlr": ["--recipe", "sa_proj", "train.lr=3e-5", "tag=lowlr"]}
 ALL = {**RECIPES, **BASELINES, **MORE}
 COUNTING_TASK = "pixmocount"
 STUDY_TABLE = "probes_study.parquet"   # its own table: the analysis reads probes.parquet as before
@@ -105,7 +106,7 @@ def chain(name: str, train_args: list[str], out: Path, args) -> None:
     step([py, "-m", "probes.run", "--ckpt-dir", str(run), "--num-samples", str(args.captions), "--mode", "both",
           "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "32", "--drift", "--signatures"],
          log, f"{name}: probes.run")
-    step([py, "-m", "probes.run", "--ckpt-dir", str(run), "--profile", "study", "--num-samples", str(args.captions),
+    step([py, "-m", "probes.run", "--ckpt-dir", str(run), "--profile", "study", "--num-samples", str(min(args.study_captions, args.captions)),
           "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "32", "--out", str(run / STUDY_TABLE)],
          log, f"{name}: probes.run --profile study")
     step([py, "-m", "probes.evaluate", "--ckpt-dir", str(run), "--limit", str(args.eval_limit),
@@ -158,10 +159,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "runs" / "demo"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--captions", type=int, default=256, help="caption samples per probe")
-    ap.add_argument("--max-new-tokens", type=int, default=48, help="generation-mode probe length")
+    ap.add_argument("--study-captions", type=int, default=32,
+                    help="caption samples of the study's own probe (greedy generation, the costlier probe; at most --captions)")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="generation-mode probe length (a world caption "
+                    "is under 20 tokens)")
     ap.add_argument("--eval-limit", type=int, default=100, help="test records per benchmark")
     ap.add_argument("--layer-captions", type=int, default=64, help="caption samples of probes.layers")
-    ap.add_argument("--monitor-every", type=int, default=20, help="drift monitor: optimizer steps between checks")
+    ap.add_argument("--monitor-every", type=int, default=12,
+                    help="drift monitor: optimizer steps between checks (12: under 10%% of a stage's 126, where "
+                    "training.advise's trials stop; docs/advise.md)")
     args = ap.parse_args(argv)
     known = {**RECIPES, **({} if args.no_baselines else BASELINES)}
     names = [r for r in args.runs.split(",") if r] if args.runs else list(known)

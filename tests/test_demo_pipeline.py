@@ -68,6 +68,9 @@ def test_every_step_wrote_its_table(demo_out):
     assert set(cells[cells.cell == "image-OOD/text-ID"].stage_name) == {"pixmocount", "textvqa"}
     table = pd.read_csv(demo_out / "analysis" / "demo_table.csv")
     assert list(table.run) == RUNS and table["number_mass x base @count"].gt(0).all()
+    # docs/demo.md's table is this table: the same columns in the same order, one row per run it names
+    doc = [line for line in (ROOT / "docs" / "demo.md").read_text().splitlines() if line.startswith("| run | learning")]
+    assert len(doc) == 1 and [c.strip() for c in doc[0].strip("|").split("|")] == list(table.columns)
     assert table["study x base @count"].gt(0).all()
     for f in ["heldout_over_sequence", "probe_over_sequence", "learning_vs_forgetting", "signature_moves",
               "layers_sa_vs_mlp_number_logmass", "monitor_number_mass"]:
