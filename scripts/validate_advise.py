@@ -10,7 +10,8 @@ ADVICE_DIR is a `training.advise` output whose candidates are named like the ful
 3. the advisor's forecast per candidate by a forecaster fitted WITHOUT that candidate's full run, against
    the full run's measured held-out change at the end of the trial's stage, and the rankings: the
    advisor's (its rank) against the full runs' stage and whole-sequence trade-offs (summary metrics);
-4. time: the trials' wall and training seconds against the full runs' training seconds.
+4. time: the trials' wall and training seconds against the full runs' training seconds, and against their
+   training plus a held-out evaluation of every checkpoint (timed by probes.monitor_cost).
 Prints the numbers and writes OUT/validation.json, OUT/loro.png, OUT/loro_points.csv.
 """
 from __future__ import annotations
@@ -45,9 +46,13 @@ def full_run_facts(runs, task: str) -> pd.DataFrame:
         dH = m.H - m.H.loc[0]
         T = m.target_mean()
         log = [json.loads(x) for x in (run.path / "train_log.jsonl").read_text().splitlines() if x.strip()]
+        cost = run.path / "monitor_cost.json"   # probes.monitor_cost: one held-out evaluation of a checkpoint, timed
+        per_eval = json.loads(cost.read_text())["heldout"]["seconds"] if cost.is_file() else float("nan")
         rows.append({"candidate": run.label, "stage": s, "measured_heldout_change": float(dH.loc[s]),
                      "measured_target_change": float(T.loc[s] - T.loc[0]), **m.scalars(),
-                     "full_train_seconds": sum(r["seconds"] for r in log if r.get("event") == "stage_end")})
+                     "full_train_seconds": sum(r["seconds"] for r in log if r.get("event") == "stage_end"),
+                     # what choosing by full runs pays besides training: held-out evaluation of every checkpoint
+                     "full_eval_seconds": per_eval * len(run.stages)})
     return pd.DataFrame(rows)
 
 
@@ -94,12 +99,15 @@ def main(argv=None) -> int:
         "full_runs_best_final_tradeoff": by_final[0], "full_runs_order_final": by_final,
         "advice_wall_seconds": float(t["seconds"].sum()), "advice_train_seconds": float(t["train_seconds"].sum()),
         "full_train_seconds": float(t["full_train_seconds"].sum()),
+        "full_eval_seconds": float(t["full_eval_seconds"].sum()),
     }
     res["time_ratio_wall"] = res["advice_wall_seconds"] / res["full_train_seconds"]
+    res["time_ratio_wall_vs_train_and_eval"] = res["advice_wall_seconds"] / (res["full_train_seconds"]
+                                                                             + res["full_eval_seconds"])
     res["time_ratio_train"] = res["advice_train_seconds"] / res["full_train_seconds"]
     cols = ["candidate", "rank", "learning_proxy", "target_gain", "kl_to_base", "predicted_heldout_change", "loro_pred",
             "loro_low", "loro_high", "measured_heldout_change", "measured_target_change", "heldout_change_final",
-            "target_overall", "seconds", "train_seconds", "full_train_seconds"]
+            "target_overall", "seconds", "train_seconds", "full_train_seconds", "full_eval_seconds"]
     t[cols].to_csv(out / "advice_vs_full.csv", index=False)
     (out / "validation.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     with pd.option_context("display.width", 220, "display.max_columns", 30):
