@@ -229,13 +229,13 @@ def test_ensure_world_refuses_an_incomplete_folder(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     """base_checkpoint('qwen2_5_vl', 'tiny') built in a private cache (world + pretraining through the loop)."""
-    from training.run import run
+    from training.run import run_in_processes
     from training.world.base import base_checkpoint
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LMM_DRIFT_CACHE", str(tmp_path_factory.mktemp("cache")))
-        path = base_checkpoint("qwen2_5_vl", "tiny", train=run)
+        path = base_checkpoint("qwen2_5_vl", "tiny", train=run_in_processes)
         stamp = (path / "model.safetensors").stat().st_mtime_ns
-        assert base_checkpoint("qwen2_5_vl", "tiny", train=run) == path  # cached: not built again
+        assert base_checkpoint("qwen2_5_vl", "tiny", train=run_in_processes) == path  # cached: not built again
         assert (path / "model.safetensors").stat().st_mtime_ns == stamp
         yield path
 

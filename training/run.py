@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+import yaml
 
 from probes.schemas import MONITOR
 
@@ -301,11 +304,6 @@ def run_in_processes(cfg: dict, config_name: str, processes: int = 1) -> Path:
     batch kept (train.batch_size split between them); in this process when `processes` is 1 or there is a
     GPU. On a small model this uses a machine's cores better than one process's threads (the world's base
     build, which passes this function as its `train`: docs/world.md). Returns the run directory."""
-    import os
-    import subprocess
-
-    import yaml
-
     if processes <= 1 or torch.cuda.is_available():
         return run(cfg, config_name)
     batch = int(cfg["train"]["batch_size"])

@@ -2,7 +2,7 @@
 
     from training.world.build import ensure_world, load_world
     from training.world.base import base_checkpoint
-    world = ensure_world()                       # .cache/world/v2 (or $LMM_DRIFT_CACHE/world/vN), built once
+    world = ensure_world()                       # .cache/world/v3 (or $LMM_DRIFT_CACHE/world/vN), built once
     info = load_world(world)                     # world.json: tasks, splits, scorers, chance levels
     ckpt = base_checkpoint("qwen2_5_vl", "toy", train=training.run.run_in_processes)   # the pretrained base, built once
 

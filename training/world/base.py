@@ -47,8 +47,7 @@ PRETRAIN_PLAN = {"toy": [("world-pretrain-warmup", "pretrain_warmup"), ("world-p
 # Processes of one CPU thread each that train a base model (training.run.run_in_processes): 2 use two
 # cores about 1.7x better than one process's two threads; part of the plan, since the float sums differ.
 PRETRAIN_PROCESSES = {"toy": 2, "tiny": 1}
-# training.run.run_in_processes: (config, config name, processes=1) -> the run directory (training.run.run
-# itself where processes is 1)
+# training.run.run_in_processes: (config, config name, processes) -> the run directory
 Train = Callable[..., Path]
 
 
@@ -62,9 +61,7 @@ def plan_fingerprint(family: str, size: str) -> str:
     from ..config import resolve_path
 
     configs = [yaml.safe_load(resolve_path(config).read_text()) for config, _ in PRETRAIN_PLAN[size]]  # not comments
-    key = [family, size, model_size(size), PRETRAIN_VERSION, PRETRAIN_PLAN[size], configs]
-    if PRETRAIN_PROCESSES[size] > 1:   # (a 1-process plan keeps the fingerprint it had before this key)
-        key.append(PRETRAIN_PROCESSES[size])
+    key = [family, size, model_size(size), PRETRAIN_VERSION, PRETRAIN_PLAN[size], configs, PRETRAIN_PROCESSES[size]]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -100,8 +97,7 @@ def pretrain(family: str, size: str, out: str | os.PathLike, train: Train, *,
             # plan's fingerprint: a cosmetic key, so cached bases stay valid
             cfg = load_config(config, [f"base={ckpt}", f"data.root={world}", f"tasks=[{task}]", "train.progress=true",
                                        f"seed={seed}", f"out={work / f'run{i}'}", *files, *overrides])
-            run_dir = (train(cfg, config, processes=PRETRAIN_PROCESSES[size]) if PRETRAIN_PROCESSES[size] > 1
-                       else train(cfg, config))
+            run_dir = train(cfg, config, processes=PRETRAIN_PROCESSES[size])
             ckpt = run_dir / read_stages(run_dir)["stages"][-1]["path"]
             phases.append({"config": config, "task": task, "train": cfg["train"],
                            **_stage_stats(run_dir / "train_log.jsonl")})

@@ -166,7 +166,7 @@ def is_complete(path: str | os.PathLike) -> bool:
 def ensure_world(root: str | os.PathLike | None = None, *, size: str = "toy", seed: int = 0) -> Path:
     """The world folder, generated once: into a temporary sibling, renamed when complete.
 
-    Default location: `<cache>/world/v1` (`v1-tiny`, `v1-...-seedN` for other sizes and seeds), where
+    Default location: `<cache>/world/vN` (`vN-tiny`, `vN-...-seedN` for other sizes and seeds; N = VERSION), where
     `<cache>` is `$LMM_DRIFT_CACHE` or `.cache` under the repository root. An existing complete world is
     reused as it is."""
     path = Path(root) if root is not None else cache_root() / "world" / world_dir_name(size, seed)
